@@ -5,16 +5,18 @@
 # %% auto #0
 __all__ = ['build_parser', 'cmd_prepare', 'cmd_train', 'cmd_eval', 'cmd_generate', 'main']
 
-# %% ../nbs/08_cli.ipynb #31e95070
+# %% ../nbs/08_cli.ipynb #74df8938
 import argparse, json, logging, sys
 from pathlib import Path
+
+from transformers.utils import logging as hf_logging
 
 from .config import ConfigError, load_config
 from .data import prepare
 from .generation import generate
 from .run import RunDir, default_run_dir, evaluate_run, load_run, train
 
-# %% ../nbs/08_cli.ipynb #ede8dbe7
+# %% ../nbs/08_cli.ipynb #ee7609d3
 class _Parser(argparse.ArgumentParser):
     "argparse, but a usage error is one line on stderr and exit code 2."
     def error(self, message):
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
     return p
 
-# %% ../nbs/08_cli.ipynb #6e5392b7
+# %% ../nbs/08_cli.ipynb #591063b7
 def _config(args):
     "The validated config of `args`; its logging level applies from here on."
     cfg = load_config(args.config, args.set)
@@ -93,11 +95,12 @@ def cmd_generate(args) -> int:
     except ValueError as e: raise ConfigError(str(e)) from None
     return 0
 
-# %% ../nbs/08_cli.ipynb #644168a2
+# %% ../nbs/08_cli.ipynb #571a118b
 def main(argv=None) -> int:
     "Run the `foundry` command line; returns the exit code."
     args = build_parser().parse_args(argv)
     logging.basicConfig(level='INFO', format='%(message)s', stream=sys.stderr)
+    hf_logging.disable_progress_bar()  # transformers' per-file load/save bars say nothing useful here
     try: return args.func(args) or 0
     except ConfigError as e: msg = str(e)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e: msg = f"{e.strerror}: {e.filename}"

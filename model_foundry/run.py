@@ -6,7 +6,7 @@
 __all__ = ['log', 'RunDir', 'default_run_dir', 'environment_snapshot', 'seed_everything', 'build_learner', 'export_final',
            'train', 'load_run', 'evaluate_run']
 
-# %% ../nbs/07_run.ipynb #d1c61175
+# %% ../nbs/07_run.ipynb #cad9ddac
 import json, logging, math, os, platform, random, subprocess, sys, time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +25,10 @@ from .loop import (CheckpointCallback, EvalCallback, Learner, MetricsLogger, Pro
                                 make_scheduler, restore_learner)
 from .model import build_model, count_parameters, load_pretrained, resolve_device, resolve_precision
 
-# %% ../nbs/07_run.ipynb #351a11a1
+# %% ../nbs/07_run.ipynb #7e39ce11
 log = logging.getLogger('model_foundry')
 
-# %% ../nbs/07_run.ipynb #0ac3c2cf
+# %% ../nbs/07_run.ipynb #796c5620
 @dataclass
 class RunDir:
     "The paths of a run directory."
@@ -65,7 +65,7 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
     "runs/<experiment_name> under `logging.dir`."
     return Path(cfg.logging.dir)/cfg.experiment_name
 
-# %% ../nbs/07_run.ipynb #848be526
+# %% ../nbs/07_run.ipynb #707feacc
 def _git(*args) -> Optional[str]:
     try: return subprocess.run(['git', *args], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
     except Exception: return None
@@ -79,12 +79,12 @@ def environment_snapshot(device: torch.device) -> dict:
     if device.type == 'cuda': d.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(device))
     return d
 
-# %% ../nbs/07_run.ipynb #f933f81d
+# %% ../nbs/07_run.ipynb #cb352315
 def seed_everything(seed: int):
     "Seed python, numpy and torch (all devices)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-# %% ../nbs/07_run.ipynb #576a2b0d
+# %% ../nbs/07_run.ipynb #660e2da0
 def _check_same_config(run: RunDir, resolved: ExperimentConfig):
     "Refuse to continue a run directory that was started with a different config."
     if not run.config.is_file(): return
@@ -104,11 +104,11 @@ def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, pr
     opt = make_optimizer(model, t, device)
     cbs = [EvalCallback(t.eval_interval), MetricsLogger(run.metrics, t.log_interval),
            CheckpointCallback(run.checkpoints, t.checkpoint_interval, t.keep_checkpoints, dict(config_hash=config_hash(cfg))),
-           ProgressBar(t.log_interval, disable=not progress)]
+           ProgressBar(t.log_interval, disable=None if progress else True)]  # None: only on a terminal
     return Learner(model, dls, opt, make_scheduler(opt, t), train_steps=t.train_steps, grad_accum=t.gradient_accumulation_steps,
                    max_grad_norm=t.max_grad_norm, device=device, precision=precision, cbs=cbs)
 
-# %% ../nbs/07_run.ipynb #13dcf88d
+# %% ../nbs/07_run.ipynb #a305828c
 def export_final(run: RunDir, learn: Learner, tokenizer) -> Path:
     "Write the best checkpoint's weights (the last model if none was kept) and the tokenizer to final/."
     best = run.checkpoints/f'step-{learn.best_step:08d}' if learn.best_step is not None else None
@@ -122,7 +122,7 @@ def export_final(run: RunDir, learn: Learner, tokenizer) -> Path:
     tmp.rename(run.final)
     return run.final
 
-# %% ../nbs/07_run.ipynb #a4cc4b89
+# %% ../nbs/07_run.ipynb #9538aa11
 def train(cfg: ExperimentConfig, run_dir=None, progress: bool = True) -> dict:
     "Train (or resume, or skip if complete) the run of `cfg` in `run_dir`; return its final state."
     run = RunDir(run_dir or default_run_dir(cfg))
@@ -157,7 +157,7 @@ def train(cfg: ExperimentConfig, run_dir=None, progress: bool = True) -> dict:
     return run.write_state(status='completed', step=learn.step, best_step=learn.best_step,
                            best_val_loss=learn.best_val_loss, last_val_loss=learn.val_loss)
 
-# %% ../nbs/07_run.ipynb #87db35ae
+# %% ../nbs/07_run.ipynb #3b3293ff
 def load_run(source, device: torch.device | str = 'cpu'):
     "(model, tokenizer) from a run directory or a Hugging Face model directory."
     src = Path(source)
@@ -176,7 +176,7 @@ def load_run(source, device: torch.device | str = 'cpu'):
     model = load_pretrained(src, device)
     return model.eval(), AutoTokenizer.from_pretrained(src)
 
-# %% ../nbs/07_run.ipynb #fd5114b7
+# %% ../nbs/07_run.ipynb #6c41f594
 def evaluate_run(run_dir, batch_size: Optional[int] = None, progress: bool = False) -> dict:
     "Loss and perplexity of a run's model on its whole validation split; also written to eval.json."
     run = RunDir(run_dir)

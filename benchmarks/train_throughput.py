@@ -1,0 +1,109 @@
+"""Training throughput of model_foundry's Learner against a plain PyTorch loop, side by side.
+
+Same model (built from configs/shakespeare-char.yaml), same batches, same optimizer and schedule,
+in one process. The two loops alternate in rounds, and each reports the median step time, so that
+machine noise hits both alike. MFU is measured against an fp32 matmul ceiling measured here too.
+
+    python benchmarks/train_throughput.py [--config configs/shakespeare-char.yaml] [--corpus PATH] [--rounds 5] [--steps 40]
+"""
+import argparse, copy, statistics, sys, tempfile, time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model_foundry.config import load_config, resolve_config
+from model_foundry.data import DataLoaders, TokenBlocks, prepare
+from model_foundry.loop import EvalCallback, Learner, MetricsLogger, ProgressBar, make_optimizer, make_scheduler
+from model_foundry.model import build_model, count_parameters
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def matmul_ceiling(n=2048, reps=10) -> float:
+    "Best-of fp32 matmul throughput in FLOP/s on an n x n product (the MFU denominator)."
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3): a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n**3 / best
+
+
+def _timed(f) -> float:
+    t = time.perf_counter(); f(); return time.perf_counter() - t
+
+
+def flops_per_token(model, cfg) -> float:
+    "nanoGPT's estimate: 6 N (position embeddings excluded) + 12 L H Q T."
+    n = count_parameters(model) - model.transformer.wpe.weight.numel() if hasattr(model, 'transformer') else count_parameters(model)
+    L, H, T = cfg.model.layers, cfg.model.attention_heads, cfg.data.max_sequence_length
+    Q = cfg.model.embedding_size // H
+    return 6 * n + 12 * L * H * Q * T
+
+
+def plain_steps(model, opt, sched, blocks, start, n, bs, max_norm):
+    "A plain PyTorch loop over the same batches; returns per-step seconds."
+    times = []
+    model.train()
+    for i in range(n):
+        t = time.perf_counter()
+        x, y = blocks.batch(start + i * bs, bs)
+        logits = model(input_ids=x, use_cache=False).logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--config', default=str(REPO/'configs'/'shakespeare-char.yaml'))
+    p.add_argument('--corpus', default=str(REPO.parent/'shared'/'data'/'tinyshakespeare'/'input.txt'))
+    p.add_argument('--rounds', type=int, default=5)
+    p.add_argument('--steps', type=int, default=40, help='steps per loop per round')
+    a = p.parse_args(argv)
+
+    cfg = load_config(a.config, [f'data.source_corpus={a.corpus}'])
+    prep = prepare(cfg.data, cfg.tokenizer, progress=False)
+    cfg = resolve_config(cfg, len(TokenBlocks(prep.train, cfg.data.max_sequence_length)), prep.vocab_size)
+    t = cfg.training
+    bs, T = cfg.data.batch_size, cfg.data.max_sequence_length
+    dls = DataLoaders.from_config(prep, cfg.data, cfg.random_seed, t.eval_batches)
+
+    m1 = build_model(cfg.model, prep.vocab_size, T, prep.tokenizer.eos_token_id, seed=cfg.random_seed)
+    m2 = copy.deepcopy(m1)
+    o1, o2 = make_optimizer(m1, t), make_optimizer(m2, t)
+    s1, s2 = make_scheduler(o1, t), make_scheduler(o2, t)
+    tmp = Path(tempfile.mkdtemp())
+    learn = Learner(m1, dls, o1, s1, train_steps=0, max_grad_norm=t.max_grad_norm,
+                    cbs=[EvalCallback(10**9), MetricsLogger(tmp/'metrics.jsonl', t.log_interval), ProgressBar(disable=True)])
+
+    ours, plain = [], []
+    warm = 5
+    for r in range(a.rounds + 1):
+        learn.train_steps = learn.step + a.steps
+        t0 = time.perf_counter(); times = []
+        while learn.step < learn.train_steps:
+            learn.one_step(); times.append(learn.step_time)
+        # wall time per step of our loop, callbacks included (step_time alone would hide them)
+        ours_wall = (time.perf_counter() - t0) / a.steps
+        pl = plain_steps(m2, o2, s2, dls.train, r * a.steps * bs, a.steps, bs, t.max_grad_norm)
+        if r == 0: continue  # warm-up round
+        ours.append(ours_wall); plain.append(statistics.median(pl[warm:]) if len(pl) > warm else statistics.median(pl))
+        print(f'round {r}: ours {ours[-1]*1000:.1f} ms/step, plain {plain[-1]*1000:.1f} ms/step', flush=True)
+
+    tok = bs * T
+    ours_s, plain_s = statistics.median(ours), statistics.median(plain)
+    ceiling = matmul_ceiling()
+    fpt = flops_per_token(m1, cfg)
+    print(f'model: {count_parameters(m1):,} parameters, {fpt/1e6:.2f} MFLOP/token; batch {bs} x {T} tokens; torch threads {torch.get_num_threads()}')
+    print(f'fp32 matmul ceiling: {ceiling/1e9:.1f} GFLOP/s')
+    print(f'ours : {ours_s*1000:.1f} ms/step, {tok/ours_s:,.0f} tokens/s, MFU {fpt*tok/ours_s/ceiling:.1%}')
+    print(f'plain: {plain_s*1000:.1f} ms/step, {tok/plain_s:,.0f} tokens/s, MFU {fpt*tok/plain_s/ceiling:.1%}')
+    print(f'framework overhead (ours / plain - 1): {ours_s/plain_s - 1:+.1%}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

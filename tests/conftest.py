@@ -1,0 +1,29 @@
+"""Shared fixtures: an isolated cache, the tiny Shakespeare corpus, and a helper to run `foundry`."""
+import os, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHAKESPEARE = REPO.parent/'shared'/'data'/'tinyshakespeare'/'input.txt'
+FOUNDRY = Path(sys.executable).parent/'foundry'
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    "A private FOUNDRY_CACHE, for this process and the subprocesses it starts."
+    d = tmp_path/'cache'
+    monkeypatch.setenv('FOUNDRY_CACHE', str(d))
+    return d
+
+
+@pytest.fixture
+def shakespeare():
+    if not SHAKESPEARE.is_file(): pytest.skip(f'tiny Shakespeare not found at {SHAKESPEARE}')
+    return SHAKESPEARE
+
+
+def foundry(*args, cwd=None, timeout=600, env=None):
+    "Run the real `foundry` command in a subprocess; returns the CompletedProcess."
+    e = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'), **(env or {}))
+    return subprocess.run([str(FOUNDRY), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=e)
