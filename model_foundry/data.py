@@ -8,7 +8,7 @@ __all__ = ['STDLIB', 'CHUNK_CHARS', 'EOS', 'PREP_VERSION', 'stdlib_files', 'corp
            'token_dtype', 'pack_tokens', 'cache_root', 'prep_key', 'PreparedData', 'prepare', 'TokenBlocks',
            'val_batches', 'DataLoaders']
 
-# %% ../nbs/01_data.ipynb #138574bb
+# %% ../nbs/01_data.ipynb #362e610f
 import fnmatch, glob, hashlib, json, os, shutil, sys, sysconfig, time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .config import ConfigError, DataConfig, TokenizerConfig
 
-# %% ../nbs/01_data.ipynb #a8cc3653
+# %% ../nbs/01_data.ipynb #31216d41
 STDLIB = 'python-stdlib'
 _STDLIB_SKIP_DIRS = {'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'idle_test'}
 
@@ -35,7 +35,7 @@ def stdlib_files() -> list[Path]:
         out += [Path(dirpath)/f for f in sorted(filenames) if f.endswith('.py') and not f.startswith('test_')]
     return out
 
-# %% ../nbs/01_data.ipynb #a583476c
+# %% ../nbs/01_data.ipynb #76067f54
 def _visible(p: Path, root: Path) -> bool:
     return not any(part.startswith('.') for part in p.relative_to(root).parts)
 
@@ -53,14 +53,14 @@ def corpus_files(source: str, include=('*',)) -> list[Path]:
     if not files: raise ConfigError(f"data.source_corpus: no files found in {source!r} (include={list(include)})")
     return files
 
-# %% ../nbs/01_data.ipynb #a5cc1fa6
+# %% ../nbs/01_data.ipynb #be579cca
 @dataclass
 class CorpusStats:
     "What was read: files used and files skipped because they are not UTF-8 text."
     files: int = 0
     skipped: list = field(default_factory=list)
 
-# %% ../nbs/01_data.ipynb #2676f127
+# %% ../nbs/01_data.ipynb #77ba9de8
 CHUNK_CHARS = 1 << 20
 
 def read_chunks(path: Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
@@ -77,7 +77,7 @@ def text_status(path: Path) -> str:
     try: return 'ok' if any(c for c in read_chunks(path)) else 'empty'
     except (UnicodeDecodeError, OSError): return 'undecodable'
 
-# %% ../nbs/01_data.ipynb #51a2d6b6
+# %% ../nbs/01_data.ipynb #a11b994b
 def usable_files(files: list[Path], stats: CorpusStats | None = None) -> list[Path]:
     "Keep the files that decode as UTF-8 and are not empty; record undecodable ones in `stats`."
     keep = []
@@ -88,7 +88,7 @@ def usable_files(files: list[Path], stats: CorpusStats | None = None) -> list[Pa
     if stats is not None: stats.files = len(keep)
     return keep
 
-# %% ../nbs/01_data.ipynb #ca931f64
+# %% ../nbs/01_data.ipynb #0c9ab05c
 EOS = '<|endoftext|>'
 
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
@@ -105,7 +105,7 @@ def train_char_tokenizer(texts) -> PreTrainedTokenizerFast:
     tok.add_special_tokens([EOS])
     return _wrap(tok)
 
-# %% ../nbs/01_data.ipynb #b0885407
+# %% ../nbs/01_data.ipynb #6df4ea29
 def train_bpe_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
     "A byte-level BPE tokenizer trained on `texts` (an iterable of strings, streamed) to `vocab_size`."
     tok = Tokenizer(models.BPE())
@@ -116,7 +116,7 @@ def train_bpe_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
     tok.train_from_iterator(texts, trainer=trainer)
     return _wrap(tok)
 
-# %% ../nbs/01_data.ipynb #56c42de0
+# %% ../nbs/01_data.ipynb #fff75899
 def texts_of(files: list[Path]) -> Iterator[str]:
     "Stream the text of `files` as chunks (for tokenizer training)."
     for p in files: yield from read_chunks(p)
@@ -134,7 +134,7 @@ def build_tokenizer(cfg: TokenizerConfig, files: list[Path]) -> PreTrainedTokeni
     if cfg.kind == 'char': return train_char_tokenizer(texts_of(files))
     return train_bpe_tokenizer(texts_of(files), cfg.vocab_size)
 
-# %% ../nbs/01_data.ipynb #98d8eaf6
+# %% ../nbs/01_data.ipynb #e1524323
 def token_dtype(vocab_size: int):
     "The smallest unsigned dtype that holds every token id."
     return np.uint16 if vocab_size <= 2**16 else np.uint32
@@ -149,7 +149,8 @@ def pack_tokens(files: list[Path], tokenizer, out_path: Path, progress: bool = T
     dtype, eos = token_dtype(len(tokenizer)), tokenizer.eos_token_id
     backend, n = tokenizer.backend_tokenizer, 0
     with open(out_path, 'wb') as f:
-        for i, p in enumerate(tqdm(_doc_order(files), desc='tokenizing', unit='file', disable=not progress or len(files) < 2)):
+        for i, p in enumerate(tqdm(_doc_order(files), desc='tokenizing', unit='file',
+                                   disable=True if not progress or len(files) < 2 else None)):
             if i and eos is not None:
                 np.array([eos], dtype=dtype).tofile(f); n += 1
             batch, size = [], 0
@@ -166,7 +167,7 @@ def _write_ids(backend, texts, dtype, f) -> int:
     np.asarray(ids, dtype=dtype).tofile(f)
     return len(ids)
 
-# %% ../nbs/01_data.ipynb #6228dd72
+# %% ../nbs/01_data.ipynb #ec0829e3
 PREP_VERSION = 1
 
 def cache_root(cfg: DataConfig | None = None) -> Path:
@@ -183,7 +184,7 @@ def prep_key(data: DataConfig, tok: TokenizerConfig, files: list[Path]) -> str:
              tokenizer=tok.model_dump(mode='json', exclude={'vocab_size'} if tok.kind != 'bpe' else set()), tokenizer_files=tfp)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:20]
 
-# %% ../nbs/01_data.ipynb #448f2be8
+# %% ../nbs/01_data.ipynb #f193cefe
 @dataclass
 class PreparedData:
     "A prepared corpus: its directory, tokenizer, train and val token arrays (memory-mapped), metadata."
@@ -205,7 +206,7 @@ class PreparedData:
         tok = AutoTokenizer.from_pretrained(path/'tokenizer')
         return cls(path, tok, tokens[:meta['n_train']], tokens[meta['n_train']:], meta)
 
-# %% ../nbs/01_data.ipynb #715cc452
+# %% ../nbs/01_data.ipynb #55ff8444
 def prepare(data: DataConfig, tok_cfg: TokenizerConfig, progress: bool = True, log=print) -> PreparedData:
     "Tokenize and pack the corpus once; later calls with the same inputs return the cached result."
     files = corpus_files(data.source_corpus, data.include)
@@ -228,13 +229,14 @@ def prepare(data: DataConfig, tok_cfg: TokenizerConfig, progress: bool = True, l
                     n_val=n - n_train, vocab_size=len(tokenizer), dtype=np.dtype(token_dtype(len(tokenizer))).name,
                     tokenizer=tok_cfg.kind, seconds=round(time.time() - t0, 2), key=key)
         (tmp/'meta.json').write_text(json.dumps(meta, indent=1))
-        if out.exists(): shutil.rmtree(out)
-        tmp.rename(out)
+        try: tmp.rename(out)
+        except OSError:  # another process finished the same preparation first: use theirs
+            if not (out/'meta.json').exists(): raise
     finally: shutil.rmtree(tmp, ignore_errors=True)
     if stats.skipped and log: log(f"skipped {len(stats.skipped)} files that are not UTF-8 text, e.g. {stats.skipped[0]}")
     return PreparedData.load(out)
 
-# %% ../nbs/01_data.ipynb #46e48948
+# %% ../nbs/01_data.ipynb #0c30f8f0
 class TokenBlocks:
     "Fixed-length blocks of `tokens`, addressed by a global sample index, ordered by `seed`."
     def __init__(self, tokens: np.ndarray, block_size: int, seed: int = 0, shuffle: bool = True):
@@ -274,7 +276,7 @@ class TokenBlocks:
         blk = torch.from_numpy(self.tokens[idx].astype(np.int64))
         return blk[:, :-1], blk[:, 1:]
 
-# %% ../nbs/01_data.ipynb #69a236ae
+# %% ../nbs/01_data.ipynb #2138251d
 def val_batches(blocks: TokenBlocks, batch_size: int, n_batches: Optional[int] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     "`n_batches` batches (all when None) of blocks spread evenly over the validation split."
     total = len(blocks) if n_batches is None else min(len(blocks), n_batches * batch_size)
@@ -286,7 +288,7 @@ def val_batches(blocks: TokenBlocks, batch_size: int, n_batches: Optional[int] =
         out.append((blk[:, :-1], blk[:, 1:]))
     return out
 
-# %% ../nbs/01_data.ipynb #525e1d41
+# %% ../nbs/01_data.ipynb #f1f5828c
 @dataclass
 class DataLoaders:
     "What the training loop reads: shuffled train blocks and fixed validation batches."

@@ -7,7 +7,7 @@ __all__ = ['param_groups', 'make_optimizer', 'WarmupCosine', 'make_scheduler', '
            'Callback', 'Learner', 'EvalCallback', 'MetricsLogger', 'ProgressBar', 'CheckpointCallback',
            'restore_learner']
 
-# %% ../nbs/04_loop.ipynb #f9342d44
+# %% ../nbs/04_loop.ipynb #749b5da8
 import json, math, time
 from pathlib import Path
 from typing import Optional
@@ -21,7 +21,7 @@ from .checkpointing import list_checkpoints, load_checkpoint, prune_checkpoints,
 from .config import TrainingConfig
 from .model import autocast_for
 
-# %% ../nbs/04_loop.ipynb #75d089ab
+# %% ../nbs/04_loop.ipynb #395ed9e0
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     "Two AdamW groups: decay for parameters with 2+ dimensions, none for biases and norms."
     params = [p for p in model.parameters() if p.requires_grad]
@@ -34,7 +34,7 @@ def make_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.devi
     return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                              eps=t.adam_epsilon, fused=fused)
 
-# %% ../nbs/04_loop.ipynb #d564d167
+# %% ../nbs/04_loop.ipynb #76d6b738
 class WarmupCosine:
     "Learning-rate multiplier: linear warmup over `warmup` steps, then cosine from 1 to `min_ratio` at `total`."
     def __init__(self, warmup: int, total: int, min_ratio: float):
@@ -50,7 +50,7 @@ def make_scheduler(opt: torch.optim.Optimizer, t: TrainingConfig) -> torch.optim
     ratio = (t.min_learning_rate if t.min_learning_rate is not None else t.learning_rate / 10) / t.learning_rate
     return torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(t.warmup_steps or 0, t.train_steps, ratio))
 
-# %% ../nbs/04_loop.ipynb #812b330e
+# %% ../nbs/04_loop.ipynb #2516df6b
 def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     "Mean next-token cross-entropy of `model` on inputs `x` and targets `y` (computed in fp32)."
     logits = model(input_ids=x, use_cache=False).logits
@@ -69,7 +69,7 @@ def evaluate_loss(model, batches, device: torch.device | str = 'cpu', precision:
     finally: model.train(was_training)
     return total / max(n, 1)
 
-# %% ../nbs/04_loop.ipynb #0dbf3325
+# %% ../nbs/04_loop.ipynb #b43371b0
 class CancelFitException(Exception):
     "Raised by a callback to end training cleanly."
 
@@ -78,7 +78,7 @@ class Callback:
     order = 0
     learn = None
 
-# %% ../nbs/04_loop.ipynb #48da603b
+# %% ../nbs/04_loop.ipynb #c590f529
 class Learner:
     "Runs `train_steps` optimizer steps of `model` on `dls`, calling `cbs` at each event."
     def __init__(self, model, dls, optimizer, scheduler=None, *, train_steps: int, grad_accum: int = 1,
@@ -86,6 +86,7 @@ class Learner:
         self.model, self.dls, self.opt, self.sched = model, dls, optimizer, scheduler
         self.train_steps, self.grad_accum, self.max_grad_norm = train_steps, grad_accum, max_grad_norm
         self.device, self.precision = torch.device(device), precision
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == 'fp16' else None  # fp16 needs loss scaling
         self.step, self.samples_seen = 0, 0
         self.loss = self.grad_norm = self.val_loss = None
         self.best_val_loss, self.best_step = math.inf, None
@@ -112,7 +113,7 @@ class Learner:
     @property
     def lr(self) -> float: return self.opt.param_groups[0]['lr']
 
-# %% ../nbs/04_loop.ipynb #00779f3d
+# %% ../nbs/04_loop.ipynb #e0f910ee
 @patch
 def one_step(self: Learner):
     "One optimizer step over `grad_accum` micro-batches."
@@ -125,16 +126,20 @@ def one_step(self: Learner):
         self.samples_seen += bs
         with autocast_for(self.device, self.precision):
             loss = lm_loss(self.model, x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-        (loss / self.grad_accum).backward()
+        scaled = loss / self.grad_accum
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         total += loss.detach()
     self.loss = (total / self.grad_accum).item()
+    if self.scaler: self.scaler.unscale_(self.opt)
     self.grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm).item()
                       if self.max_grad_norm else None)
     self.skip_step = False
     self('after_backward')
     if not self.skip_step:
-        self.opt.step()
+        if self.scaler: self.scaler.step(self.opt); self.scaler.update()
+        else: self.opt.step()
         if self.sched is not None: self.sched.step()
+    elif self.scaler: self.scaler.update()  # a vetoed step still closes the scaler's unscale_/update cycle
     self.opt.zero_grad(set_to_none=True)
     self.step += 1
     self.step_time = time.perf_counter() - t0
@@ -154,7 +159,7 @@ def evaluate(self: Learner) -> float:
     "Validation loss on the fixed validation batches."
     return evaluate_loss(self.model, self.dls.valid, self.device, self.precision)
 
-# %% ../nbs/04_loop.ipynb #d872334b
+# %% ../nbs/04_loop.ipynb #1ec07e77
 class EvalCallback(Callback):
     "Evaluate every `every` steps and at the end; sets `learn.val_loss` and fires `after_eval`."
     order = 10
@@ -167,7 +172,7 @@ class EvalCallback(Callback):
             if l.improved: l.best_val_loss, l.best_step = l.val_loss, l.step
             l('after_eval')
 
-# %% ../nbs/04_loop.ipynb #6959eca5
+# %% ../nbs/04_loop.ipynb #375bb2da
 class MetricsLogger(Callback):
     "Append train lines every `every` steps and an eval line after each evaluation to `path` (JSON lines)."
     order = 20
@@ -199,7 +204,7 @@ class MetricsLogger(Callback):
         self.write(type='eval', step=l.step, val_loss=l.val_loss, val_perplexity=math.exp(min(l.val_loss, 50)),
                    best_val_loss=l.best_val_loss, best_step=l.best_step)
 
-# %% ../nbs/04_loop.ipynb #ca743cfb
+# %% ../nbs/04_loop.ipynb #6e069c80
 class ProgressBar(Callback):
     "A tqdm bar with loss, learning rate and tokens/s; validation results printed above it."
     order = 90
@@ -220,7 +225,7 @@ class ProgressBar(Callback):
         self.bar.write(f'step {l.step}: val_loss {l.val_loss:.4f} (best {l.best_val_loss:.4f} at step {l.best_step})')
     def after_fit(self): self.bar.close()
 
-# %% ../nbs/04_loop.ipynb #631af929
+# %% ../nbs/04_loop.ipynb #2a789cd3
 class CheckpointCallback(Callback):
     "Save checkpoints to `root` on schedule, on improvement and at the end; keep the last `keep` and the best."
     order = 30
@@ -248,7 +253,7 @@ class CheckpointCallback(Callback):
         l = self.learn
         if l.step % self.every == 0 or l.step == l.train_steps: self.save()
 
-# %% ../nbs/04_loop.ipynb #f16a43e5
+# %% ../nbs/04_loop.ipynb #3046e98d
 def restore_learner(learn: Learner, ckpt) -> dict:
     "Load checkpoint `ckpt` into `learn` (weights, optimizer, scheduler, RNG, step, data position, best)."
     st = load_checkpoint(ckpt, learn.model, learn.opt, learn.sched)
