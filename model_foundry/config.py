@@ -73,7 +73,7 @@ class ModelConfig(Section):
             raise ValueError(f"model.embedding_size ({h}) must be divisible by model.attention_heads ({self.attention_heads})")
         return self
 
-# %% ../nbs/00_config.ipynb #0b5afd11
+# %% ../nbs/00_config.ipynb #8dc76576
 class TrainingConfig(Section):
     "Optimiser, schedule, evaluation and checkpoint cadence, device and precision."
     learning_rate: float = Field(1e-3, gt=0)
@@ -93,6 +93,12 @@ class TrainingConfig(Section):
     log_interval: int = Field(10, gt=0)
     checkpoint_interval: Optional[int] = Field(None, gt=0)  # default: eval_interval
     keep_checkpoints: int = Field(2, ge=1)                  # the last N, and always the best
+    log_spaced_checkpoints: int = Field(0, ge=0)            # extra early checkpoints, log-spaced below checkpoint_interval, kept
+    early_stopping_patience: Optional[int] = Field(None, gt=0)  # evaluations without improvement before stopping; null: never
+    early_stopping_min_delta: float = Field(0.0, ge=0)      # an improvement must beat the best by more than this
+    nonfinite_patience: int = Field(3, gt=0)                # non-finite steps in a row before nonfinite_action
+    nonfinite_action: Literal['rollback', 'stop'] = 'rollback'  # rollback: last checkpoint, learning rate x rollback_lr_factor
+    rollback_lr_factor: float = Field(0.5, gt=0, lt=1)
     device: str = Field('auto', pattern=r'^(auto|cpu|mps|cuda(:\d+)?)$')
     precision: Literal['auto', 'fp32', 'bf16', 'fp16'] = 'auto'  # auto: fp32 on CPU, bf16 on CUDA
 
