@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['build_parser', 'cmd_prepare', 'cmd_train', 'cmd_eval', 'cmd_generate', 'main']
 
-# %% ../nbs/08_cli.ipynb #74df8938
+# %% ../nbs/08_cli.ipynb #eb129ca6
 import argparse, json, logging, sys
 from pathlib import Path
 
@@ -14,7 +14,8 @@ from transformers.utils import logging as hf_logging
 from .config import ConfigError, load_config
 from .data import prepare
 from .generation import generate
-from .run import RunDir, default_run_dir, evaluate_run, load_run, train
+from .loop import TrainingError
+from .run import RunDir, RunInterrupted, default_run_dir, evaluate_run, load_run, train
 
 # %% ../nbs/08_cli.ipynb #ee7609d3
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
     return p
 
-# %% ../nbs/08_cli.ipynb #591063b7
+# %% ../nbs/08_cli.ipynb #f6c0eed6
 def _config(args):
     "The validated config of `args`; its logging level applies from here on."
     cfg = load_config(args.config, args.set)
@@ -72,9 +73,13 @@ def cmd_train(args) -> int:
     "foundry train: train, resume or skip a completed run."
     cfg = _config(args)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    st = train(cfg, run_dir)
-    print(f"run {run_dir}: {st['status']}; best val loss {st.get('best_val_loss', float('nan')):.4f} at step {st.get('best_step')}; "
-          f"final model in {RunDir(run_dir).final}")
+    try: st = train(cfg, run_dir)
+    except RunInterrupted as e:
+        print(f"foundry: {e}", file=sys.stderr)
+        return e.exit_code
+    bvl = st.get('best_val_loss')
+    print(f"run {run_dir}: {st['status'].replace('_', ' ')}; best val loss {'n/a' if bvl is None else f'{bvl:.4f}'} at step "
+          f"{st.get('best_step')}; final model in {RunDir(run_dir).final}")
     return 0
 
 def cmd_eval(args) -> int:
@@ -95,7 +100,7 @@ def cmd_generate(args) -> int:
     except ValueError as e: raise ConfigError(str(e)) from None
     return 0
 
-# %% ../nbs/08_cli.ipynb #571a118b
+# %% ../nbs/08_cli.ipynb #e952b420
 def main(argv=None) -> int:
     "Run the `foundry` command line; returns the exit code."
     args = build_parser().parse_args(argv)
@@ -104,6 +109,9 @@ def main(argv=None) -> int:
     try: return args.func(args) or 0
     except ConfigError as e: msg = str(e)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e: msg = f"{e.strerror}: {e.filename}"
+    except TrainingError as e:
+        print(f"foundry: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt: return 130
     print(f"foundry: error: {msg}", file=sys.stderr)
     return 2
