@@ -35,10 +35,10 @@ class EarlyStopping(Callback):
         self.best = math.inf if d['best'] is None else d['best']
         self.wait = d['wait']
 
-# %% ../nbs/04a_lifecycle.ipynb #ca5babac
+# %% ../nbs/04a_lifecycle.ipynb #1375270a
 class NonFiniteGuard(Callback):
     "Veto steps with a non-finite loss or gradient norm; after `patience` in a row, roll back (lr x `lr_factor`) or stop."
-    order = 50
+    order = 25  # before CheckpointCallback: a stop is checkpointed; a rollback's step is not saved again
     def __init__(self, patience: int = 3, action: str = 'rollback', lr_factor: float = 0.5, checkpoints=None):
         self.patience, self.action, self.lr_factor, self.checkpoints = patience, action, lr_factor, checkpoints
         self.in_a_row, self.total, self.rollbacks = 0, 0, 0

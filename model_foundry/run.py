@@ -6,7 +6,7 @@
 __all__ = ['log', 'PACKAGES', 'FINISHED', 'RunDir', 'default_run_dir', 'environment_snapshot', 'seed_everything', 'build_learner',
            'resume_learner', 'export_final', 'RunInterrupted', 'train', 'load_run', 'evaluate_run']
 
-# %% ../nbs/07_run.ipynb #4d15f2d8
+# %% ../nbs/07_run.ipynb #dd19dc2d
 import json, logging, math, os, platform, random, shutil, subprocess, sys, time
 from dataclasses import dataclass
 from importlib import metadata
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import transformers
 from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from .checkpointing import checkpoint_name, load_checkpoint, resumable_checkpoints, verify_checkpoint
 from .config import ConfigError, ExperimentConfig, config_hash, load_config, resolve_config, save_config
@@ -156,17 +157,21 @@ def resume_learner(learn: Learner, run: RunDir) -> Optional[Path]:
         return ckpt
     return None
 
-# %% ../nbs/07_run.ipynb #7fccc5ec
+# %% ../nbs/07_run.ipynb #2095ab6e
 def export_final(run: RunDir, learn: Learner, tokenizer) -> Path:
     "Write the best checkpoint's weights (the last model if none was kept) and the tokenizer to final/."
     best = run.checkpoints/checkpoint_name(learn.best_step) if learn.best_step is not None else None
     if best is not None and (best/'COMPLETE').is_file(): load_checkpoint(best, learn.model, restore_rng_state=False)
     tmp = run.root/'final.tmp'
-    learn.model.save_pretrained(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' one-shard 'Writing model shards' bar is noise in a training log
+    try: learn.model.save_pretrained(tmp)
+    finally:
+        if bars: hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(tmp)
     (tmp/'evaluation.json').write_text(json.dumps(dict(best_step=learn.best_step, val_loss=learn.best_val_loss), indent=1))
-    if run.final.exists():
-        import shutil; shutil.rmtree(run.final)
+    if run.final.exists(): shutil.rmtree(run.final)
     tmp.rename(run.final)
     return run.final
 
