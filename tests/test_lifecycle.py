@@ -319,3 +319,18 @@ def test_out_of_memory_retries_with_half_micro_batch_and_same_effective_batch(tm
     a = {r['step']: r['loss'] for r in records(tmp_path/'run', 'train')}
     b = {r['step']: r['loss'] for r in records(tmp_path/'ref', 'train')}
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-3 for k in a), (a, b)  # same batch, split differently
+
+
+class CPUAllocatorFails(Callback):
+    "Test-only fault: the CPU allocator's own error, raised from the model call (we cannot exhaust 24 GiB on demand)."
+    def before_fit(self):
+        def fail(*a, **kw): raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+        self.learn.model.forward = fail
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_cpu_is_one_clear_error_and_the_run_is_marked_failed(tmp_path, cache_dir, shakespeare):
+    cfg = load_config(write_config(tmp_path, shakespeare, steps=10, eval_every=10, ckpt_every=10))
+    with pytest.raises(TrainingError, match='out of memory on CPU at step 1 with a micro-batch of 8: lower data.batch_size'):
+        train(cfg, tmp_path/'run', progress=False, callbacks=[CPUAllocatorFails()])
+    assert json.loads((tmp_path/'run'/'state.json').read_text())['status'] == 'failed'
