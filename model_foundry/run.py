@@ -175,7 +175,7 @@ def export_final(run: RunDir, learn: Learner, tokenizer) -> Path:
     tmp.rename(run.final)
     return run.final
 
-# %% ../nbs/07_run.ipynb #ed12a8c1
+# %% ../nbs/07_run.ipynb #bab91037
 class RunInterrupted(Exception):
     "The run stopped on a signal after checkpointing; `exit_code` is 128 + the signal number."
     def __init__(self, msg: str, exit_code: int):
@@ -210,7 +210,7 @@ def train(cfg: ExperimentConfig, run_dir=None, progress: bool = True, callbacks=
         log.info(f"training {count_parameters(learn.model):,} parameters for {learn.train_steps} steps on {learn.device} "
                  f"({learn.precision}); {train_blocks:,} train blocks of {cfg.data.max_sequence_length} tokens")
     run.write_state(status='running', config_hash=config_hash(resolved), train_blocks=train_blocks, vocab_size=prepared.vocab_size,
-                    resumed_from=ckpt.name if ckpt else None, pid=os.getpid())
+                    resumed_from=ckpt.name if ckpt else None, pid=os.getpid(), error=None)
     try: learn.fit()
     except BaseException as e:
         run.write_state(status='interrupted' if isinstance(e, KeyboardInterrupt) else 'failed', step=learn.step,
