@@ -73,7 +73,7 @@ class ModelConfig(Section):
             raise ValueError(f"model.embedding_size ({h}) must be divisible by model.attention_heads ({self.attention_heads})")
         return self
 
-# %% ../nbs/00_config.ipynb #8dc76576
+# %% ../nbs/00_config.ipynb #f5c21d48
 class TrainingConfig(Section):
     "Optimiser, schedule, evaluation and checkpoint cadence, device and precision."
     learning_rate: float = Field(1e-3, gt=0)
@@ -99,15 +99,24 @@ class TrainingConfig(Section):
     nonfinite_patience: int = Field(3, gt=0)                # non-finite steps in a row before nonfinite_action
     nonfinite_action: Literal['rollback', 'stop'] = 'rollback'  # rollback: last checkpoint, learning rate x rollback_lr_factor
     rollback_lr_factor: float = Field(0.5, gt=0, lt=1)
+    keep_local_checkpoints: bool = False                # keep checkpoints after the final model is handed to W&B
     device: str = Field('auto', pattern=r'^(auto|cpu|mps|cuda(:\d+)?)$')
     precision: Literal['auto', 'fp32', 'bf16', 'fp16'] = 'auto'  # auto: fp32 on CPU, bf16 on CUDA
 
-# %% ../nbs/00_config.ipynb #64b952d7
+# %% ../nbs/00_config.ipynb #5f049df7
 class LoggingConfig(Section):
     "Where runs go and how much they say."
     level: Literal['DEBUG', 'INFO', 'WARNING', 'ERROR'] = 'INFO'
     dir: str = 'runs'          # runs are written to <dir>/<experiment_name> unless --run-dir is given
     use_wandb: bool = False
+    wandb_mode: Literal['online', 'offline', 'disabled'] = 'online'
+    wandb_project: str = 'model_foundry'
+    wandb_entity: Optional[str] = None
+    wandb_tags: list[str] = []
+    wandb_init_timeout: float = Field(30.0, gt=0)     # seconds; online init that takes longer falls back to offline
+    wandb_upload_timeout: float = Field(600.0, gt=0)  # seconds per attempt to confirm the model artifact upload
+    wandb_upload_retries: int = Field(3, ge=1)
+    sample_prompts: list[str] = []                    # generated at each evaluation (W&B table); default: a slice of val text
 
 # %% ../nbs/00_config.ipynb #6b60718f
 class ExperimentConfig(Section):

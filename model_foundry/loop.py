@@ -212,19 +212,21 @@ class EvalCallback(Callback):
             if l.improved: l.best_val_loss, l.best_step = l.val_loss, l.step
             l('after_eval')
 
-# %% ../nbs/04_loop.ipynb #5d34edf8
+# %% ../nbs/04_loop.ipynb #068cc160
 class MetricsLogger(Callback):
     "Append train lines every `every` steps and an eval line after each evaluation to `path` (JSON lines)."
     order = 20
     def __init__(self, path, every: int = 10):
         self.path, self.every = Path(path), every
+        self.listeners = []  # callables that receive every record (a tracker mirrors them)
         self._reset()
 
     def _reset(self): self.losses, self.time, self.steps = [], 0.0, 0
 
     def write(self, **rec):
-        "Append one record."
+        "Append one record, and pass it to the listeners."
         with open(self.path, 'a') as f: f.write(json.dumps(rec) + '\n')
+        for fn in self.listeners: fn(rec)
 
     def before_fit(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['log', 'PACKAGES', 'FINISHED', 'RunDir', 'default_run_dir', 'environment_snapshot', 'seed_everything', 'build_learner',
-           'resume_learner', 'export_final', 'RunInterrupted', 'train', 'load_run', 'evaluate_run']
+           'resume_learner', 'export_final', 'RunInterrupted', 'train', 'upload', 'load_run', 'evaluate_run']
 
-# %% ../nbs/07_run.ipynb #dd19dc2d
+# %% ../nbs/07_run.ipynb #7bc277d5
 import json, logging, math, os, platform, random, shutil, subprocess, sys, time
 from dataclasses import dataclass
 from importlib import metadata
@@ -24,6 +24,7 @@ from .config import ConfigError, ExperimentConfig, config_hash, load_config, res
 from .data import DataLoaders, PreparedData, TokenBlocks, prepare
 from .evaluation import evaluate_split
 from .lifecycle import EarlyStopping, NonFiniteGuard, Preemption
+from .tracking import UploadFailed, WandbTracker, artifact_name, new_run_id, publish_final_model, resolve_model_source, start_wandb
 from .loop import (CheckpointCallback, EvalCallback, Learner, MetricsLogger, ProgressBar, TrainingError, make_optimizer,
                                 make_scheduler, restore_learner)
 from .model import build_model, count_parameters, load_pretrained, resolve_device, resolve_precision
@@ -175,13 +176,38 @@ def export_final(run: RunDir, learn: Learner, tokenizer) -> Path:
     tmp.rename(run.final)
     return run.final
 
-# %% ../nbs/07_run.ipynb #bab91037
+# %% ../nbs/07_run.ipynb #98e6959b
 class RunInterrupted(Exception):
     "The run stopped on a signal after checkpointing; `exit_code` is 128 + the signal number."
     def __init__(self, msg: str, exit_code: int):
         super().__init__(msg); self.exit_code = exit_code
 
-FINISHED = ('completed', 'early_stopped')
+FINISHED = ('completed', 'early_stopped', 'upload_pending')
+
+def _default_prompts(prepared: PreparedData, n_tokens: int = 16) -> list[str]:
+    "One prompt: the first tokens of the validation split."
+    return [prepared.tokenizer.decode(prepared.val[:n_tokens].tolist())]
+
+def _start_tracking(cfg: ExperimentConfig, run: RunDir, state: dict):
+    "The W&B run for `cfg` (continuing the run id in the state), or None when tracking is off."
+    lc = cfg.logging
+    if not lc.use_wandb or lc.wandb_mode == 'disabled': return None
+    run_id = state.get('tracker_run_id') or new_run_id()
+    run.write_state(tracker_run_id=run_id)
+    return start_wandb(lc, run_id, cfg.experiment_name, cfg.model_dump(mode='json'), run.root)
+
+def _publish(cfg: ExperimentConfig, run: RunDir, wrun, state: dict) -> dict:
+    "Hand final/ to W&B; on an unconfirmed upload mark the run upload_pending and re-raise."
+    try:
+        rec = publish_final_model(wrun, run.final, run.checkpoints, artifact_name(cfg.experiment_name),
+                                  dict(best_step=state.get('best_step'), best_val_loss=state.get('best_val_loss'),
+                                       config_hash=state.get('config_hash')),
+                                  timeout=cfg.logging.wandb_upload_timeout,
+                                  retries=cfg.logging.wandb_upload_retries, keep_local_checkpoints=cfg.training.keep_local_checkpoints)
+    except UploadFailed:
+        run.write_state(status='upload_pending', upload='pending', finished_as=state['status'])
+        raise
+    return run.write_state(**rec)
 
 def train(cfg: ExperimentConfig, run_dir=None, progress: bool = True, callbacks=()) -> dict:
     "Train, resume, or (when finished) skip the run of `cfg` in `run_dir`; return its final state."
@@ -189,8 +215,9 @@ def train(cfg: ExperimentConfig, run_dir=None, progress: bool = True, callbacks=
     state = run.read_state()
     if state.get('status') in FINISHED:
         _check_same_config(run, resolve_config(cfg, state['train_blocks'], state['vocab_size']))
+        hint = '; `foundry upload` retries the model upload' if state['status'] == 'upload_pending' else ''
         log.info(f"run {run.root} is already {state['status'].replace('_', ' ')} (best val loss {state.get('best_val_loss')} "
-                 f"at step {state.get('best_step')}); nothing to train")
+                 f"at step {state.get('best_step')}); nothing to train{hint}")
         return state
     prepared = prepare(cfg.data, cfg.tokenizer, progress=progress, log=log.warning)
     train_blocks = len(TokenBlocks(prepared.train, cfg.data.max_sequence_length))
@@ -198,44 +225,68 @@ def train(cfg: ExperimentConfig, run_dir=None, progress: bool = True, callbacks=
     resolved = resolve_config(cfg, train_blocks, prepared.vocab_size)
     _check_same_config(run, resolved)
     env = environment_snapshot(resolve_device(resolved.training.device))
-    learn = build_learner(resolved, prepared, run, progress, callbacks,
-                          extra_state=dict(git_commit=env['git_commit'], tracker_run_id=state.get('tracker_run_id')))
     run.root.mkdir(parents=True, exist_ok=True)
     save_config(resolved, run.config)
     run.environment.write_text(json.dumps(env, indent=1))
     if not run.tokenizer.is_dir(): prepared.tokenizer.save_pretrained(run.tokenizer)
-    ckpt = resume_learner(learn, run)
-    if ckpt is not None: log.info(f"resuming {run.root} from {ckpt.name}: continuing at step {learn.step + 1} of {learn.train_steps}")
-    else:
-        log.info(f"training {count_parameters(learn.model):,} parameters for {learn.train_steps} steps on {learn.device} "
-                 f"({learn.precision}); {train_blocks:,} train blocks of {cfg.data.max_sequence_length} tokens")
-    run.write_state(status='running', config_hash=config_hash(resolved), train_blocks=train_blocks, vocab_size=prepared.vocab_size,
-                    resumed_from=ckpt.name if ckpt else None, pid=os.getpid(), error=None)
-    try: learn.fit()
-    except BaseException as e:
-        run.write_state(status='interrupted' if isinstance(e, KeyboardInterrupt) else 'failed', step=learn.step,
-                        error=f'{type(e).__name__}: {e}'.splitlines()[0])
-        raise
-    best = dict(step=learn.step, best_step=learn.best_step, best_val_loss=None if math.isinf(learn.best_val_loss) else learn.best_val_loss,
-                last_val_loss=learn.val_loss)
-    reason = learn.stop_reason
-    if reason == 'interrupted':
-        pre = next(cb for cb in learn.cbs if isinstance(cb, Preemption))
-        run.write_state(status='interrupted', **best)
-        raise RunInterrupted(f'run {run.root} interrupted at step {learn.step}; checkpoint written, '
-                             f'`foundry train` on it resumes', pre.exit_code or 130)
-    if reason == 'nonfinite':
-        run.write_state(status='failed', error='non-finite loss or gradient norm in a row; see metrics.jsonl', **best)
-        t = resolved.training
-        raise TrainingError(f'run {run.root} stopped at step {learn.step}: {t.nonfinite_patience} non-finite steps in a row '
-                            f'(training.nonfinite_action={t.nonfinite_action}); checkpoints kept')
-    export_final(run, learn, prepared.tokenizer)
-    return run.write_state(status='early_stopped' if reason == 'early_stopped' else 'completed', **best)
+    wrun = _start_tracking(resolved, run, state)
+    state = run.read_state()
+    try:
+        cbs = list(callbacks)
+        if wrun is not None: cbs.append(WandbTracker(wrun, prepared.tokenizer, resolved.logging.sample_prompts or _default_prompts(prepared)))
+        learn = build_learner(resolved, prepared, run, progress, cbs,
+                              extra_state=dict(git_commit=env['git_commit'], tracker_run_id=state.get('tracker_run_id')))
+        ckpt = resume_learner(learn, run)
+        if ckpt is not None: log.info(f"resuming {run.root} from {ckpt.name}: continuing at step {learn.step + 1} of {learn.train_steps}")
+        else:
+            log.info(f"training {count_parameters(learn.model):,} parameters for {learn.train_steps} steps on {learn.device} "
+                     f"({learn.precision}); {train_blocks:,} train blocks of {cfg.data.max_sequence_length} tokens")
+        run.write_state(status='running', config_hash=config_hash(resolved), train_blocks=train_blocks, vocab_size=prepared.vocab_size,
+                        resumed_from=ckpt.name if ckpt else None, pid=os.getpid(), error=None)
+        try: learn.fit()
+        except BaseException as e:
+            run.write_state(status='interrupted' if isinstance(e, KeyboardInterrupt) else 'failed', step=learn.step,
+                            error=f'{type(e).__name__}: {e}'.splitlines()[0])
+            raise
+        best = dict(step=learn.step, best_step=learn.best_step, best_val_loss=None if math.isinf(learn.best_val_loss) else learn.best_val_loss,
+                    last_val_loss=learn.val_loss)
+        reason = learn.stop_reason
+        if reason == 'interrupted':
+            pre = next(cb for cb in learn.cbs if isinstance(cb, Preemption))
+            run.write_state(status='interrupted', **best)
+            raise RunInterrupted(f'run {run.root} interrupted at step {learn.step}; checkpoint written, '
+                                 f'`foundry train` on it resumes', pre.exit_code or 130)
+        if reason == 'nonfinite':
+            run.write_state(status='failed', error='non-finite loss or gradient norm in a row; see metrics.jsonl', **best)
+            t = resolved.training
+            raise TrainingError(f'run {run.root} stopped at step {learn.step}: {t.nonfinite_patience} non-finite steps in a row '
+                                f'(training.nonfinite_action={t.nonfinite_action}); checkpoints kept')
+        export_final(run, learn, prepared.tokenizer)
+        state = run.write_state(status='early_stopped' if reason == 'early_stopped' else 'completed', **best)
+        if wrun is not None: state = _publish(resolved, run, wrun, state)
+        return state
+    finally:
+        if wrun is not None: wrun.finish()
 
-# %% ../nbs/07_run.ipynb #1b5412d5
+# %% ../nbs/07_run.ipynb #5ffdec8e
+def upload(run_dir) -> dict:
+    "Retry publishing the final model of an `upload_pending` run; returns the new state."
+    run = RunDir(run_dir)
+    state = run.read_state()
+    if not run.config.is_file(): raise ConfigError(f"not a run directory (no config.yaml): {run.root}")
+    if state.get('status') != 'upload_pending':
+        raise ConfigError(f"run {run.root} has no pending upload (status {state.get('status')!r})")
+    cfg = load_config(run.config)
+    wrun = start_wandb(cfg.logging, state['tracker_run_id'], cfg.experiment_name, cfg.model_dump(mode='json'), run.root)
+    if wrun is None: raise ConfigError('logging.wandb_mode is disabled: nothing to upload to')
+    try: _publish(cfg, run, wrun, state)
+    finally: wrun.finish()
+    return run.write_state(status=state.get('finished_as', 'completed'))
+
+# %% ../nbs/07_run.ipynb #7ade71e6
 def load_run(source, device: torch.device | str = 'cpu'):
-    "(model, tokenizer) from a run directory or a Hugging Face model directory."
-    src = Path(source)
+    "(model, tokenizer) from a run directory, a Hugging Face model directory, or wandb:ENTITY/PROJECT/NAME:ALIAS."
+    src = resolve_model_source(str(source))
     if not src.exists(): raise ConfigError(f"no such run or model directory: {src}")
     run = RunDir(src)
     if run.config.is_file():
