@@ -247,7 +247,7 @@ class MetricsLogger(Callback):
         self.write(type='eval', step=l.step, val_loss=l.val_loss, val_perplexity=math.exp(min(l.val_loss, 50)),
                    best_val_loss=l.best_val_loss, best_step=l.best_step)
 
-# %% ../nbs/04_loop.ipynb #6e069c80
+# %% ../nbs/04_loop.ipynb #6e5c5bb8
 class ProgressBar(Callback):
     "A tqdm bar with loss, learning rate and tokens/s; validation results printed above it."
     order = 90
@@ -265,6 +265,7 @@ class ProgressBar(Callback):
             self.tokens, self.time = 0, 0.0
     def after_eval(self):
         l = self.learn
+        if self.disable is True: return  # progress explicitly off: silent (None only hides the bar off a terminal)
         self.bar.write(f'step {l.step}: val_loss {l.val_loss:.4f} (best {l.best_val_loss:.4f} at step {l.best_step})')
     def after_fit(self): self.bar.close()
 
