@@ -20,7 +20,7 @@ from .data import cache_root
 from .generation import generate
 from .loop import Callback, TrainingError, log
 
-# %% ../nbs/04b_tracking.ipynb #c406908e
+# %% ../nbs/04b_tracking.ipynb #fa93ac15
 def new_run_id() -> str:
     "A fresh W&B-style run id (8 lowercase letters and digits)."
     return ''.join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
@@ -37,6 +37,7 @@ def start_wandb(cfg: LoggingConfig, run_id: str, name: str, config: dict, root: 
         if cfg.wandb_mode != 'online': raise
         log.warning(f'W&B unreachable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}); '
                     'continuing offline, sync later with `wandb sync`')
+        wandb.teardown()  # the failed attempt still holds the run id in wandb's service process
         return wandb.init(mode='offline', settings=wandb.Settings(silent=True), **kw)
 
 # %% ../nbs/04b_tracking.ipynb #c36e3101

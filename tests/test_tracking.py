@@ -189,3 +189,16 @@ def test_model_config_fetched_from_wandb_and_cached_locally(tmp_path, wandb_env,
     assert cached.is_relative_to(Path(os.environ['FOUNDRY_CACHE'])) and json.loads((cached/'config.json').read_text())['model_type'] == 'gpt2'
     assert foundry_main(['generate', str(run), '--prompt', 'ROMEO:', '--temperature', '0', '--max-new-tokens', '20']) == 0
     assert capsys.readouterr().out == first  # the same model as the run's own final/
+
+
+@pytest.mark.slow
+def test_unreachable_wandb_in_online_mode_falls_back_to_offline_and_training_goes_on(tmp_path, wandb_env, shakespeare, monkeypatch, caplog):
+    # a real online init against a closed port on this machine's loopback: W&B is "unreachable"
+    monkeypatch.setenv('WANDB_BASE_URL', 'http://127.0.0.1:9')
+    cfg = tiny_cfg(shakespeare, mode='online', steps=20)
+    cfg.logging.wandb_init_timeout = 3
+    with caplog.at_level('WARNING', logger='model_foundry'):
+        state = train(cfg, tmp_path/'run', progress=False)
+    assert 'W&B unreachable' in caplog.text and 'continuing offline' in caplog.text
+    assert state['status'] == 'completed' and state['upload'] == 'awaiting_sync'
+    assert list((wandb_env/'wandb').glob(f"offline-run-*-{state['tracker_run_id']}"))
