@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FOUNDRY, foundry
+from conftest import FOUNDRY, DegradeAfter, foundry
 from model_foundry.checkpointing import list_checkpoints, read_trainer_state
 from model_foundry.config import load_config
 from model_foundry.loop import Callback, TrainingError
@@ -230,16 +230,6 @@ def test_early_stopped_run_skips_training_on_resumption_attempt(tmp_path, cache_
     assert (run/'metrics.jsonl').read_text() == before
     assert json.loads((run/'state.json').read_text())['status'] == 'early_stopped'
     print(f'second invocation took {time.time() - t0:.1f}s')
-
-
-class DegradeAfter(Callback):
-    "Test-only fault: after step `n`, add noise to the weights each step, so later evaluations get worse."
-    order = 60
-    def __init__(self, n): self.n = n
-    def after_step(self):
-        if self.learn.step > self.n:
-            with torch.no_grad():
-                for p in self.learn.model.parameters(): p.add_(torch.randn_like(p) * 0.05)
 
 
 @pytest.mark.slow

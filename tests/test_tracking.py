@@ -18,6 +18,8 @@ from model_foundry.loop import Callback
 from model_foundry.run import RunInterrupted, train, upload
 from model_foundry.tracking import UploadFailed
 
+from conftest import DegradeAfter
+
 SECRET = 'local-test-key-0123456789abcdef0123456789abcdef01234567'
 
 
@@ -49,16 +51,6 @@ def sha(path): return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 def staged_hashes(home):
     return {sha(p) for p in (Path(home)/'artifacts'/'staging').rglob('*') if p.is_file()}
-
-
-class DegradeAfter(Callback):
-    "Test-only fault: after step `n`, add noise to the weights, so that the best model is not the last."
-    order = 60
-    def __init__(self, n): self.n = n
-    def after_step(self):
-        if self.learn.step > self.n:
-            with torch.no_grad():
-                for p in self.learn.model.parameters(): p.add_(torch.randn_like(p) * 0.05)
 
 
 @pytest.mark.slow
