@@ -73,7 +73,7 @@ class ModelConfig(Section):
             raise ValueError(f"model.embedding_size ({h}) must be divisible by model.attention_heads ({self.attention_heads})")
         return self
 
-# %% ../nbs/00_config.ipynb #f5c21d48
+# %% ../nbs/00_config.ipynb #e69c51ed
 class TrainingConfig(Section):
     "Optimiser, schedule, evaluation and checkpoint cadence, device and precision."
     learning_rate: float = Field(1e-3, gt=0)
@@ -100,6 +100,7 @@ class TrainingConfig(Section):
     nonfinite_action: Literal['rollback', 'stop'] = 'rollback'  # rollback: last checkpoint, learning rate x rollback_lr_factor
     rollback_lr_factor: float = Field(0.5, gt=0, lt=1)
     keep_local_checkpoints: bool = False                # keep checkpoints after the final model is handed to W&B
+    behavioral_suite: Optional[str] = None              # a suite YAML (e.g. suites/python.yaml) run at each evaluation
     device: str = Field('auto', pattern=r'^(auto|cpu|mps|cuda(:\d+)?)$')
     precision: Literal['auto', 'fp32', 'bf16', 'fp16'] = 'auto'  # auto: fp32 on CPU, bf16 on CUDA
 

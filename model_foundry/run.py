@@ -6,7 +6,7 @@
 __all__ = ['log', 'PACKAGES', 'FINISHED', 'RunDir', 'default_run_dir', 'environment_snapshot', 'seed_everything', 'build_learner',
            'resume_learner', 'export_final', 'RunInterrupted', 'train', 'upload', 'load_run', 'evaluate_run']
 
-# %% ../nbs/07_run.ipynb #7bc277d5
+# %% ../nbs/07_run.ipynb #3bc6da7d
 import json, logging, math, os, platform, random, shutil, subprocess, sys, time
 from dataclasses import dataclass
 from importlib import metadata
@@ -24,6 +24,7 @@ from .config import ConfigError, ExperimentConfig, config_hash, load_config, res
 from .data import DataLoaders, PreparedData, TokenBlocks, prepare
 from .evaluation import evaluate_split
 from .lifecycle import EarlyStopping, NonFiniteGuard, Preemption
+from .suites import SuiteCallback, load_suite
 from .tracking import UploadFailed, WandbTracker, artifact_name, new_run_id, publish_final_model, resolve_model_source, start_wandb
 from .loop import (CheckpointCallback, EvalCallback, Learner, MetricsLogger, ProgressBar, TrainingError, make_optimizer,
                                 make_scheduler, restore_learner)
@@ -99,7 +100,7 @@ def seed_everything(seed: int):
     "Seed python, numpy and torch (all devices)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-# %% ../nbs/07_run.ipynb #ee04d8f7
+# %% ../nbs/07_run.ipynb #8c0f54aa
 def _check_same_config(run: RunDir, resolved: ExperimentConfig):
     "Refuse to continue a run directory that was started with a different config."
     if not run.config.is_file(): return
@@ -124,6 +125,7 @@ def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, pr
            NonFiniteGuard(t.nonfinite_patience, t.nonfinite_action, t.rollback_lr_factor, run.checkpoints),
            Preemption(), ProgressBar(t.log_interval, disable=None if progress else True), *callbacks]  # bar: only on a terminal
     if t.early_stopping_patience: cbs.append(EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta))
+    if t.behavioral_suite: cbs.append(SuiteCallback(load_suite(t.behavioral_suite), prepared.tokenizer))
     return Learner(model, dls, opt, make_scheduler(opt, t), train_steps=t.train_steps, grad_accum=t.gradient_accumulation_steps,
                    max_grad_norm=t.max_grad_norm, device=device, precision=precision, cbs=cbs)
 

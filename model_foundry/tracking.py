@@ -53,10 +53,10 @@ def hardware_stats(device: torch.device) -> dict:
         d['gpu_max_mem_gb'] = torch.cuda.max_memory_allocated(device) / 2**30
     return d
 
-# %% ../nbs/04b_tracking.ipynb #396d77ba
+# %% ../nbs/04b_tracking.ipynb #71d17530
 class WandbTracker(Callback):
     "Mirror metrics.jsonl to a W&B run, with hardware stats and a table of sample generations at each evaluation."
-    order = 85
+    order = 85  # after evaluation and a behavioural suite
     def __init__(self, wrun, tokenizer, prompts: list[str], max_new_tokens: int = 64):
         self.wrun, self.tok, self.prompts, self.max_new_tokens = wrun, tokenizer, prompts, max_new_tokens
         wrun.define_metric('trainer/step')
@@ -74,11 +74,14 @@ class WandbTracker(Callback):
         self.wrun.log({**d, 'trainer/step': rec.get('step', self.learn.step)})
 
     def after_eval(self):
-        if not self.prompts: return
         import wandb
-        rows = [[self.learn.step, p, generate(self.learn.model, self.tok, p, self.max_new_tokens, temperature=0.8, top_k=50, seed=0).text]
+        l = self.learn
+        rows = [[l.step, 'sample', p, generate(l.model, self.tok, p, self.max_new_tokens, temperature=0.8, top_k=50, seed=0).text, None]
                 for p in self.prompts]
-        self.wrun.log({'samples': wandb.Table(columns=['step', 'prompt', 'completion'], data=rows), 'trainer/step': self.learn.step})
+        suite = getattr(l, 'suite_results', None)  # set by a behavioural suite that ran at this evaluation
+        if suite: rows += [[l.step, f"{suite['suite']}/{r['name']}", r['prompt'], r['completion'], r['passed']] for r in suite['results']]
+        if rows: self.wrun.log({'samples': wandb.Table(columns=['step', 'source', 'prompt', 'completion', 'passed'], data=rows),
+                                'trainer/step': l.step})
 
 # %% ../nbs/04b_tracking.ipynb #8e9e5b84
 def artifact_name(experiment_name: str) -> str:
