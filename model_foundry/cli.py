@@ -17,7 +17,7 @@ from .generation import generate
 from .loop import TrainingError
 from .run import RunDir, RunInterrupted, default_run_dir, evaluate_run, load_run, train, upload
 
-# %% ../nbs/08_cli.ipynb #131bdc23
+# %% ../nbs/08_cli.ipynb #cf2e0898
 class _Parser(argparse.ArgumentParser):
     "argparse, but a usage error is one line on stderr and exit code 2."
     def error(self, message):
@@ -38,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--run-dir', help='run directory (default: <logging.dir>/<experiment_name>)')
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser('eval', help="loss and perplexity of a run's model on its whole validation split")
-    s.add_argument('run_dir'); s.set_defaults(func=cmd_eval)
+    s = sub.add_parser('eval', help="evaluate a run's model; writes RUN_DIR/report/ (report.json, report.md, plots)")
+    s.add_argument('run_dir')
+    s.add_argument('--suite', action='append', default=[], metavar='FILE', help='a behavioural suite YAML (repeatable)')
+    s.add_argument('--text', action='append', default=[], metavar='PATH', help='perplexity of a text file, directory or glob (repeatable)')
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser('upload', help='retry handing the final model of an upload_pending run to W&B')
     s.add_argument('run_dir'); s.set_defaults(func=cmd_upload)
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
     return p
 
-# %% ../nbs/08_cli.ipynb #9f58fa73
+# %% ../nbs/08_cli.ipynb #1491ed4a
 def _config(args):
     "The validated config of `args`; its logging level applies from here on."
     cfg = load_config(args.config, args.set)
@@ -87,8 +90,15 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     "foundry eval: score a run's model on its validation split."
-    r = evaluate_run(args.run_dir)
-    print(f"{args.run_dir} ({r['source']}): val loss {r['val_loss']:.4f}, perplexity {r['perplexity']:.2f} over {r['tokens']:,} tokens")
+    r = evaluate_run(args.run_dir, suites=args.suite, texts=args.text)
+    v = r['validation']
+    print(f"{args.run_dir} ({r['model']}): val loss {v['val_loss']:.4f}, perplexity {v['perplexity']:.2f} over {v['tokens']:,} tokens")
+    for t in r['texts']: print(f"  {t['source']}: loss {t['loss']:.4f}, perplexity {t['perplexity']:.2f} over {t['tokens']:,} tokens ({len(t['files'])} files)")
+    for s in r['suites']:
+        sm = s['summary']
+        print(f"  suite {s['suite']}: pass rate {sm['pass_rate']:.0%} of {sm['prompts']}"
+              + (f", python parse rate {sm['python_parse_rate']:.0%}" if sm['python_parse_rate'] is not None else ''))
+    print(f"report: {Path(args.run_dir)/'report'/'report.md'}")
     return 0
 
 def cmd_upload(args) -> int:

@@ -6,7 +6,7 @@
 __all__ = ['log', 'PACKAGES', 'FINISHED', 'RunDir', 'default_run_dir', 'environment_snapshot', 'seed_everything', 'build_learner',
            'resume_learner', 'export_final', 'RunInterrupted', 'train', 'upload', 'load_run', 'evaluate_run']
 
-# %% ../nbs/07_run.ipynb #3bc6da7d
+# %% ../nbs/07_run.ipynb #7f0f593a
 import json, logging, math, os, platform, random, shutil, subprocess, sys, time
 from dataclasses import dataclass
 from importlib import metadata
@@ -24,7 +24,8 @@ from .config import ConfigError, ExperimentConfig, config_hash, load_config, res
 from .data import DataLoaders, PreparedData, TokenBlocks, prepare
 from .evaluation import evaluate_split
 from .lifecycle import EarlyStopping, NonFiniteGuard, Preemption
-from .suites import SuiteCallback, load_suite
+from .reports import file_perplexity, plot_losses, plot_suite, read_metrics, write_report
+from .suites import SuiteCallback, load_suite, run_suite
 from .tracking import UploadFailed, WandbTracker, artifact_name, new_run_id, publish_final_model, resolve_model_source, start_wandb
 from .loop import (CheckpointCallback, EvalCallback, Learner, MetricsLogger, ProgressBar, TrainingError, make_optimizer,
                                 make_scheduler, restore_learner)
@@ -305,17 +306,26 @@ def load_run(source, device: torch.device | str = 'cpu'):
     model = load_pretrained(src, device)
     return model.eval(), AutoTokenizer.from_pretrained(src)
 
-# %% ../nbs/07_run.ipynb #6c41f594
-def evaluate_run(run_dir, batch_size: Optional[int] = None, progress: bool = False) -> dict:
-    "Loss and perplexity of a run's model on its whole validation split; also written to eval.json."
+# %% ../nbs/07_run.ipynb #7be0fab3
+def evaluate_run(run_dir, suites=(), texts=(), batch_size: Optional[int] = None, progress: bool = False) -> dict:
+    "Evaluate a run's model: whole-split perplexity, perplexity of `texts`, behavioural `suites`; writes RUN_DIR/report/."
     run = RunDir(run_dir)
     if not run.config.is_file(): raise ConfigError(f"not a run directory (no config.yaml): {run.root}")
     cfg = load_config(run.config)
+    loaded = [load_suite(s) for s in suites]  # bad suite files fail before any work
     device = resolve_device(cfg.training.device)
-    model, _ = load_run(run.root, device)
+    model, tok = load_run(run.root, device)
+    seed_everything(cfg.random_seed)
     prepared = prepare(cfg.data, cfg.tokenizer, progress=progress, log=log.warning)
     blocks = TokenBlocks(prepared.val, cfg.data.max_sequence_length, shuffle=False)
-    r = evaluate_split(model, blocks, batch_size or cfg.data.batch_size, None, device, resolve_precision(device, cfg.training.precision))
-    r = dict(r, source='final' if run.final.is_dir() else 'latest checkpoint', step=run.read_state().get('step'))
-    (run.root/'eval.json').write_text(json.dumps(r, indent=1))
-    return r
+    val = evaluate_split(model, blocks, batch_size or cfg.data.batch_size, None, device, resolve_precision(device, cfg.training.precision))
+    out = run.root/'report'
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_metrics(run.metrics)
+    plots = [p for p in (plot_losses(records, cfg.data.max_sequence_length, out/'loss.png'), plot_suite(records, out/'suite.png')) if p]
+    rep = dict(run=str(run.root), model='final' if run.final.is_dir() else 'latest checkpoint', step=run.read_state().get('step'),
+               seed=cfg.random_seed, validation=val,
+               texts=[file_perplexity(model, tok, t, cfg.data.max_sequence_length, device) for t in texts],
+               suites=[run_suite(model, tok, s) for s in loaded], plots=[str(p) for p in plots])
+    write_report(rep, out)
+    return rep

@@ -40,3 +40,16 @@ def test_eval_of_a_directory_that_is_not_a_run_exits_2(tmp_path):
 
 def test_unknown_subcommand_exits_2():
     assert_one_line_error(foundry('fly'), 'invalid choice')
+
+
+@pytest.mark.parametrize('suite_text,expected', [
+    ("name: s\nprompts:\n  - {name: a, language: python, prompt: x, must_match: ['(oops']}\n", "prompts.0.must_match: item 0: invalid regex '(oops'"),
+    ("name: s\nprompts:\n  - {name: a, prompt: x}\n", 'prompts.0.language: Field required'),
+    ("name: s\nprompts: []\n", 'prompts: List should have at least 1 item'),
+])
+def test_bad_suite_file_is_rejected_with_the_field_named(tmp_path, suite_text, expected):
+    from model_foundry.config import ExperimentConfig, save_config
+    save_config(ExperimentConfig(), tmp_path/'run'/'config.yaml')  # a run directory; the suite is checked before any work
+    (tmp_path/'suite.yaml').write_text(suite_text)
+    assert_one_line_error(foundry('eval', tmp_path/'run', '--suite', tmp_path/'suite.yaml'), expected)
+    assert not (tmp_path/'run'/'report').exists()

@@ -1,11 +1,11 @@
 """A real `foundry` run on tiny Shakespeare, from config to a reloadable model and deterministic samples."""
-import json
+import json, math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import foundry
+from conftest import REPO, foundry
 from model_foundry.generation import generate
 
 TINY = """
@@ -72,8 +72,24 @@ def test_tiny_shakespeare_run_learns_reloads_and_generates_deterministically(tmp
     assert again.returncode == 0 and 'already completed' in again.stderr
     assert (run/'metrics.jsonl').read_text().count('"eval"') == 3
 
-    # foundry eval scores the whole validation split
-    ev = foundry('eval', run)
+    # foundry eval scores the whole validation split, runs a suite, and writes a report whose numbers
+    # match a direct computation
+    ev = foundry('eval', run, '--suite', REPO/'suites'/'python.yaml', '--text', shakespeare)
     assert ev.returncode == 0, ev.stderr
-    report = json.loads((run/'eval.json').read_text())
-    assert report['tokens'] > 100_000 and report['val_loss'] < VAL_LOSS_BOUND
+    report = json.loads((run/'report'/'report.json').read_text())
+    assert {p.name for p in (run/'report').iterdir()} == {'report.json', 'report.md', 'loss.png'}
+    assert 'Suite python' in (run/'report'/'report.md').read_text()
+    from model_foundry.config import load_config
+    from model_foundry.data import TokenBlocks, prepare
+    from model_foundry.evaluation import evaluate_split
+    cfg = load_config(run/'config.yaml')
+    blocks = TokenBlocks(prepare(cfg.data, cfg.tokenizer, progress=False).val, 64, shuffle=False)
+    direct = evaluate_split(model, blocks, cfg.data.batch_size)
+    assert report['validation'] == direct and direct['tokens'] > 100_000 and direct['val_loss'] < VAL_LOSS_BOUND
+    (suite,) = report['suites']
+    assert suite['summary']['pass_rate'] == sum(r['passed'] for r in suite['results']) / 8
+    assert suite['summary']['python_parse_rate'] == sum(r['parses'] for r in suite['results']) / 8
+    (text,) = report['texts']
+    assert text['tokens'] == len(shakespeare.read_text()) - 1 and abs(text['perplexity'] - math.exp(text['loss'])) < 1e-9
+    again = foundry('eval', run, '--suite', REPO/'suites'/'python.yaml')
+    assert json.loads((run/'report'/'report.json').read_text())['suites'] == report['suites']  # deterministic
