@@ -17,7 +17,7 @@ from .generation import generate
 from .loop import TrainingError
 from .run import RunDir, RunInterrupted, default_run_dir, evaluate_run, load_run, train, upload
 
-# %% ../nbs/08_cli.ipynb #cf2e0898
+# %% ../nbs/08_cli.ipynb #f1067a3b
 class _Parser(argparse.ArgumentParser):
     "argparse, but a usage error is one line on stderr and exit code 2."
     def error(self, message):
@@ -55,11 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--top-k', type=int, default=None)
     s.add_argument('--top-p', type=float, default=None)
     s.add_argument('--seed', type=int, default=None)
+    s.add_argument('--repetition-penalty', type=float, default=1.0, help='> 1 discourages tokens already in the text')
+    s.add_argument('--stop', action='append', default=[], metavar='TEXT', help='end the completion before this text (repeatable)')
     s.add_argument('--num-samples', type=int, default=1)
     s.set_defaults(func=cmd_generate)
     return p
 
-# %% ../nbs/08_cli.ipynb #1491ed4a
+# %% ../nbs/08_cli.ipynb #35280a0e
 def _config(args):
     "The validated config of `args`; its logging level applies from here on."
     cfg = load_config(args.config, args.set)
@@ -113,9 +115,11 @@ def cmd_generate(args) -> int:
     try:
         for i in range(args.num_samples):
             seed = None if args.seed is None else args.seed + i
-            g = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed)
+            g = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed,
+                         repetition_penalty=args.repetition_penalty, stop=args.stop)
             if args.num_samples > 1: print(f'--- sample {i + 1} ---')
             print(args.prompt + g.text)
+            logging.getLogger('model_foundry').info(f'{len(g.token_ids)} tokens in {g.seconds:.2f} s ({g.tokens_per_s:,.0f} tokens/s)')
     except ValueError as e: raise ConfigError(str(e)) from None
     return 0
 
