@@ -60,8 +60,8 @@ class Generation:
     def tokens_per_s(self) -> float: return len(self.token_ids) / self.seconds if self.seconds else 0.0
     def __str__(self): return self.text
 
-# %% ../nbs/06_generation.ipynb #92772a91
-@torch.no_grad()
+# %% ../nbs/06_generation.ipynb #0164fdca
+@torch.inference_mode()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 100, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, seed: Optional[int] = None, eos_token_id: Optional[int] = None,
                  repetition_penalty: float = 1.0, should_stop: Optional[Callable[[list], bool]] = None) -> list[int]:
@@ -79,9 +79,9 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 100, temper
     try:
         for _ in range(max_new_tokens):
             if past is not None and len(ids) <= ctx:
-                res = model(input_ids=torch.tensor([ids[cached:]], device=device), past_key_values=past, use_cache=True)
-            else:
-                res = model(input_ids=torch.tensor([ids[-ctx:]], device=device), use_cache=True)
+                res = model(input_ids=torch.tensor([ids[cached:]], device=device), past_key_values=past, use_cache=True, logits_to_keep=1)
+            else:  # logits of the last position only: the prompt's other positions are never sampled
+                res = model(input_ids=torch.tensor([ids[-ctx:]], device=device), use_cache=True, logits_to_keep=1)
             past, cached = res.past_key_values, len(ids)
             logits = res.logits[0, -1].float().cpu()
             if repetition_penalty != 1.0: logits = penalize_repeats(logits, ids, repetition_penalty)
