@@ -29,6 +29,7 @@ run: install
 	$(BIN)/foundry train $(RUN_CONFIG) --run-dir $(RUN_DIR)
 	$(BIN)/foundry generate $(RUN_DIR) --prompt "def" --max-new-tokens 150 --temperature 0.8 --top-k 50 --seed 0 --num-samples 2
 	$(BIN)/foundry generate $(RUN_DIR) --prompt "class" --max-new-tokens 150 --temperature 0.8 --top-k 50 --seed 1
+	$(BIN)/foundry eval $(RUN_DIR) --suite suites/python.yaml
 
 test: install-dev
 	$(BIN)/nbdev-test --n-workers 2

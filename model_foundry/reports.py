@@ -78,8 +78,9 @@ def plot_suite(records: list[dict], out: Path) -> Optional[Path]:
     fig.tight_layout(); fig.savefig(out, dpi=100); plt.close(fig)
     return out
 
-# %% ../nbs/05b_reports.ipynb #8365cc42
+# %% ../nbs/05b_reports.ipynb #b04d5af5
 def _fmt(v):
+    if isinstance(v, bool): return 'yes' if v else 'no'
     return 'n/a' if v is None else f'{v:.4f}' if isinstance(v, float) else str(v)
 
 def render_markdown(rep: dict) -> str:
