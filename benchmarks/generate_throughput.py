@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from model_foundry.config import load_config
-from model_foundry.generation import generate_ids
+from model_foundry.generation import generate_batch_ids, generate_ids
 from model_foundry.model import build_model, count_parameters
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,17 +45,29 @@ def main(argv=None):
             out.append(r[0, len(pr):].tolist())
         return out
 
-    assert ours() == theirs(), 'greedy outputs differ'
-    times = {'ours': [], 'transformers': []}
+    def ours_batched():
+        return generate_batch_ids(model, prompts, a.new_tokens, temperature=0)
+
+    def theirs_batched():
+        ids = torch.tensor(prompts)
+        r = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
+                           do_sample=False, pad_token_id=0)
+        return r[:, a.prompt_tokens:].tolist()
+
+    assert ours() == theirs() == ours_batched(), 'greedy outputs differ'
+    fs = dict(ours=ours, transformers=theirs, ours_batched=ours_batched, transformers_batched=theirs_batched)
+    times = {k: [] for k in fs}
     for _ in range(a.repeats):
-        for name, f in (('ours', ours), ('transformers', theirs)):
+        for name, f in fs.items():
             t = time.perf_counter(); f(); times[name].append(time.perf_counter() - t)
     n = a.prompts * a.new_tokens
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f'model: {count_parameters(model):,} parameters, context {T}; {a.prompts} prompts x {a.new_tokens} new tokens, greedy, '
           f'torch threads {torch.get_num_threads()}')
-    for k, v in med.items(): print(f'{k:>12}: {v:.3f} s, {n / v:,.0f} tokens/s')
-    print(f'ratio (ours / transformers tokens/s): {med["transformers"] / med["ours"]:.2f}x')
+    for k, v in med.items(): print(f'{k:>21}: {v:.3f} s, {n / v:,.0f} tokens/s')
+    print(f'ratio one prompt at a time (ours / transformers tokens/s): {med["transformers"] / med["ours"]:.2f}x')
+    print(f'ratio batched             (ours / transformers tokens/s): {med["transformers_batched"] / med["ours_batched"]:.2f}x')
+    print(f'ours batched / transformers one at a time: {med["transformers"] / med["ours_batched"]:.2f}x')
 
 
 if __name__ == '__main__':

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['filter_logits', 'penalize_repeats', 'next_token', 'context_length', 'Generation', 'generate_ids', 'generate',
-           'playground']
+           'generate_batch_ids', 'generate_batch', 'playground']
 
 # %% ../nbs/06_generation.ipynb #c57de1a2
 import time
@@ -109,6 +109,56 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperatu
     text = decode(ids)
     cut = min((text.find(x) for x in stop if x in text), default=-1)
     return Generation(text[:cut] if cut >= 0 else text, ids, min(len(prompt_ids), context_length(model)), secs)
+
+# %% ../nbs/06_generation.ipynb #76a08802
+@torch.inference_mode()
+def generate_batch_ids(model, prompts: list[list[int]], max_new_tokens: int = 100, temperature: float = 1.0,
+                       top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+                       eos_token_id: Optional[int] = None, repetition_penalty: float = 1.0) -> list[list[int]]:
+    "New token ids for each of `prompts`, generated together (left padding, masked, positions per row)."
+    ctx, device = context_length(model), next(model.parameters()).device
+    rows = [list(p)[-ctx:] or [eos_token_id if eos_token_id is not None else 0] for p in prompts]
+    if max(map(len, rows)) + max_new_tokens > ctx:  # the window would slide: one prompt at a time
+        return [generate_ids(model, r, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, repetition_penalty) for r in rows]
+    B, L, pad = len(rows), max(map(len, rows)), eos_token_id if eos_token_id is not None else 0
+    ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    gens = [torch.Generator(device='cpu').manual_seed(seed) if seed is not None else None for _ in rows]
+    was_training = model.training
+    model.eval()
+    out, done = [[] for _ in rows], [False] * B
+    try:
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        for _ in range(max_new_tokens):
+            logits = res.logits[:, -1].float().cpu()
+            nxt = []
+            for i in range(B):
+                if done[i]: nxt.append(pad); continue
+                lg = penalize_repeats(logits[i], rows[i] + out[i], repetition_penalty) if repetition_penalty != 1.0 else logits[i]
+                t = next_token(lg, temperature, top_k, top_p, gens[i])
+                out[i].append(t); nxt.append(t)
+                if eos_token_id is not None and t == eos_token_id: done[i] = True
+            if all(done): break
+            pos = pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+            res = model(input_ids=torch.tensor(nxt, device=device)[:, None], attention_mask=mask, position_ids=pos,
+                        past_key_values=res.past_key_values, use_cache=True, logits_to_keep=1)
+    finally: model.train(was_training)
+    return out
+
+# %% ../nbs/06_generation.ipynb #a8d4ae8c
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 100, temperature: float = 1.0,
+                   top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+                   stop_at_eos: bool = True, repetition_penalty: float = 1.0) -> list[Generation]:
+    "Continue several prompts at once; each result is what `generate` gives for that prompt alone."
+    enc = [tokenizer(p, add_special_tokens=False)['input_ids'] if p else [] for p in prompts]
+    t0 = time.perf_counter()
+    outs = generate_batch_ids(model, enc, max_new_tokens, temperature, top_k, top_p, seed,
+                              tokenizer.eos_token_id if stop_at_eos else None, repetition_penalty)
+    secs = time.perf_counter() - t0
+    ctx = context_length(model)
+    return [Generation(tokenizer.decode(o, skip_special_tokens=True), o, min(len(e), ctx), secs) for e, o in zip(enc, outs)]
 
 # %% ../nbs/06_generation.ipynb #623d606d
 def playground(source=None, model=None, tokenizer=None, prompt: str = 'def ', max_new_tokens: int = 120):

@@ -2,7 +2,7 @@
 import pytest
 
 from model_foundry.config import ExperimentConfig
-from model_foundry.generation import context_length, generate
+from model_foundry.generation import context_length, generate, generate_batch
 from model_foundry.run import load_run, train
 
 
@@ -25,6 +25,16 @@ def test_generation_with_deterministic_parameters_top_k_1_temperature_0(tiny_mod
     greedy = [generate(model, tok, 'ROMEO:', 40, temperature=0, stop_at_eos=False).text for _ in range(3)]
     top1 = [generate(model, tok, 'ROMEO:', 40, temperature=0.9, top_k=1, seed=s, stop_at_eos=False).text for s in (0, 1, 2)]
     assert len(set(greedy)) == 1 and set(top1) == set(greedy)  # top-k 1 is greedy whatever the seed
+    # and across batch sizes: left-padded batches give every prompt what it gets alone
+    prompts = ['ROMEO:', 'First Citizen:\nWe are', 'O', 'KING HENRY VI:\nWhat', 'The', 'My lord, ']
+    alone = [generate(model, tok, p, 20, temperature=0, stop_at_eos=False).text for p in prompts]
+    assert alone[0] == greedy[0][:20]
+    for size in (2, 3, 6):
+        for i in range(0, len(prompts), size):
+            got = generate_batch(model, tok, prompts[i:i + size], 20, temperature=0, stop_at_eos=False)
+            assert [g.text for g in got] == alone[i:i + size], (size, i)
+        got = generate_batch(model, tok, prompts[:size], 20, temperature=0.9, top_k=1, seed=3, stop_at_eos=False)
+        assert [g.text for g in got] == alone[:size]
 
 
 @pytest.mark.slow
