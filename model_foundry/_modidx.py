@@ -120,6 +120,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                            'model_foundry/generation.py'),
                                           'model_foundry.generation.generate_ids': ( 'generation.html#generate_ids',
                                                                                      'model_foundry/generation.py'),
+                                          'model_foundry.generation.lean_gpt2_step': ( 'generation.html#lean_gpt2_step',
+                                                                                       'model_foundry/generation.py'),
                                           'model_foundry.generation.next_token': ( 'generation.html#next_token',
                                                                                    'model_foundry/generation.py'),
                                           'model_foundry.generation.penalize_repeats': ( 'generation.html#penalize_repeats',
