@@ -46,10 +46,14 @@ def file_perplexity(model, tokenizer, source: str, context: int, device='cpu') -
     loss = sum(p['loss'] * p['tokens'] for p in per) / n if n else float('nan')
     return dict(source=str(source), tokens=n, loss=loss, perplexity=perplexity(loss) if n else float('nan'), files=per)
 
-# %% ../nbs/05b_reports.ipynb #dfde7679
+# %% ../nbs/05b_reports.ipynb #4cafb2ed
 def read_metrics(path) -> list[dict]:
-    "The records of a metrics.jsonl file."
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()] if Path(path).is_file() else []
+    "The records of a metrics.jsonl file (a line torn by a crash is skipped)."
+    out = []
+    for l in (Path(path).read_text().splitlines() if Path(path).is_file() else []):
+        try: out.append(json.loads(l))
+        except ValueError: pass
+    return out
 
 def plot_losses(records: list[dict], block_size: int, out: Path) -> Optional[Path]:
     "loss.png: train and val loss against step and against tokens seen."

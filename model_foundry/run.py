@@ -130,7 +130,7 @@ def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, pr
     return Learner(model, dls, opt, make_scheduler(opt, t), train_steps=t.train_steps, grad_accum=t.gradient_accumulation_steps,
                    max_grad_norm=t.max_grad_norm, device=device, precision=precision, cbs=cbs)
 
-# %% ../nbs/07_run.ipynb #c43eb56a
+# %% ../nbs/07_run.ipynb #1c3b89a2
 def _clear_crash_leftovers(run: RunDir):
     "Remove temporary and unusable checkpoint directories, warning about each."
     if not run.checkpoints.is_dir(): return
@@ -144,7 +144,10 @@ def _clear_crash_leftovers(run: RunDir):
 def _truncate_metrics(run: RunDir, step: int):
     "Drop metric lines of steps after `step` (they will run again), atomically."
     if not run.metrics.is_file(): return
-    keep = [l for l in run.metrics.read_text().splitlines(keepends=True) if l.strip() and json.loads(l).get('step', 0) <= step]
+    def keep_line(l):
+        try: return json.loads(l).get('step', 0) <= step
+        except ValueError: return False  # a line torn by a kill mid-write
+    keep = [l if l.endswith('\n') else l + '\n' for l in run.metrics.read_text().splitlines(keepends=True) if l.strip() and keep_line(l)]
     tmp = run.metrics.with_suffix('.jsonl.tmp')
     tmp.write_text(''.join(keep)); tmp.replace(run.metrics)
 
