@@ -269,7 +269,7 @@ class ProgressBar(Callback):
         self.bar.write(f'step {l.step}: val_loss {l.val_loss:.4f} (best {l.best_val_loss:.4f} at step {l.best_step})')
     def after_fit(self): self.bar.close()
 
-# %% ../nbs/04_loop.ipynb #e1185737
+# %% ../nbs/04_loop.ipynb #5d4aed8b
 def log_spaced_steps(n: int, below: int) -> list[int]:
     "Up to `n` distinct steps spaced logarithmically in [1, below)."
     if n <= 0 or below <= 1: return []
@@ -300,12 +300,13 @@ class CheckpointCallback(Callback):
         if l.best_step == l.step: self.best_path = path
         prune_checkpoints(self.root, self.keep, protect=[self.best_path, *(self.root/checkpoint_name(s) for s in self.early)])
 
-    def before_fit(self): self.learn.checkpointer = self
-    def after_eval(self):
-        if self.learn.improved: self.save()
+    def before_fit(self): self.learn.checkpointer, self.improved = self, False
+    def after_eval(self): self.improved = self.learn.improved  # saved in after_step, once the step's metrics are written
     def after_step(self):
         l = self.learn
-        if l.step % self.every == 0 or l.step == l.train_steps or l.step in self.early or l.stop_reason is not None: self.save()
+        if self.improved or l.step % self.every == 0 or l.step == l.train_steps or l.step in self.early or l.stop_reason is not None:
+            self.save()
+        self.improved = False
 
 # %% ../nbs/04_loop.ipynb #bad86901
 def restore_learner(learn: Learner, ckpt) -> dict:

@@ -344,3 +344,21 @@ def test_metrics_line_torn_by_a_crash_is_dropped_on_resume(tmp_path, cache_dir, 
     lines = (tmp_path/'run'/'metrics.jsonl').read_text().splitlines()
     recs = [json.loads(l) for l in lines]  # every line parses
     assert [r['step'] for r in recs if r['type'] == 'train'] == list(range(1, 31))
+
+
+class CrashAfterEvaluation(Callback):
+    "Test-only fault: die right after step `n`'s evaluation and what reacts to it (a SIGKILL cannot be timed that exactly)."
+    order = 31  # after CheckpointCallback
+    def __init__(self, n): self.n = n
+    def after_eval(self):
+        if self.learn.step == self.n: raise KeyboardInterrupt('crash after evaluation (injected)')
+
+
+@pytest.mark.slow
+def test_checkpoint_at_an_evaluation_step_comes_after_that_steps_metrics(tmp_path, cache_dir, shakespeare):
+    # a checkpoint of step 20 written before step 20's train line would resume at 21 with that line lost
+    cfg = load_config(write_config(tmp_path, shakespeare, steps=30, eval_every=10, ckpt_every=100))
+    with pytest.raises(KeyboardInterrupt): train(cfg, tmp_path/'run', progress=False, callbacks=[CrashAfterEvaluation(20)])
+    assert train(cfg, tmp_path/'run', progress=False)['status'] == 'completed'
+    assert [r['step'] for r in records(tmp_path/'run', 'train')] == list(range(1, 31))
+    assert [r['step'] for r in records(tmp_path/'run', 'eval')] == [10, 20, 30]
