@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['build_parser', 'cmd_prepare', 'cmd_train', 'cmd_eval', 'cmd_upload', 'cmd_generate', 'main']
 
-# %% ../nbs/08_cli.ipynb #18b1ceac
-import argparse, json, logging, sys
+# %% ../nbs/08_cli.ipynb #3cacf59d
+import argparse, logging, sys
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging

@@ -7,8 +7,8 @@ __all__ = ['ACTIVATIONS', 'ConfigError', 'Section', 'DataConfig', 'TokenizerConf
            'LoggingConfig', 'ExperimentConfig', 'format_validation_error', 'validate_config', 'parse_override',
            'apply_overrides', 'read_yaml', 'load_config', 'resolve_config', 'config_hash', 'save_config']
 
-# %% ../nbs/00_config.ipynb #7b1febbe
-import hashlib, json, math, re
+# %% ../nbs/00_config.ipynb #9eb6eae4
+import hashlib, json, math
 from pathlib import Path
 from typing import Any, Literal, Optional
 

@@ -8,8 +8,8 @@ __all__ = ['STDLIB', 'CHUNK_CHARS', 'EOS', 'PREP_VERSION', 'stdlib_files', 'corp
            'token_dtype', 'pack_tokens', 'cache_root', 'prep_key', 'PreparedData', 'prepare', 'TokenBlocks',
            'val_batches', 'DataLoaders']
 
-# %% ../nbs/01_data.ipynb #362e610f
-import fnmatch, glob, hashlib, json, os, shutil, sys, sysconfig, time
+# %% ../nbs/01_data.ipynb #37895e8b
+import fnmatch, glob, hashlib, json, os, shutil, sysconfig, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional

@@ -5,14 +5,12 @@
 # %% auto #0
 __all__ = ['EarlyStopping', 'NonFiniteGuard', 'Preemption']
 
-# %% ../nbs/04a_lifecycle.ipynb #c69984b4
+# %% ../nbs/04a_lifecycle.ipynb #b30a63ee
 import math, os, signal, threading
 from typing import Optional
 
-import torch
-
 from .checkpointing import resumable_checkpoints
-from .loop import Callback, TrainingError, log, restore_learner
+from .loop import Callback, log, restore_learner
 
 # %% ../nbs/04a_lifecycle.ipynb #36bbb229
 class EarlyStopping(Callback):

@@ -7,7 +7,7 @@ __all__ = ['log', 'param_groups', 'make_optimizer', 'WarmupCosine', 'make_schedu
            'CancelFitException', 'TrainingError', 'Callback', 'Learner', 'EvalCallback', 'MetricsLogger', 'ProgressBar',
            'log_spaced_steps', 'CheckpointCallback', 'restore_learner']
 
-# %% ../nbs/04_loop.ipynb #7c3fe856
+# %% ../nbs/04_loop.ipynb #ad09e028
 import gc, json, logging, math, time
 from pathlib import Path
 from typing import Optional
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .checkpointing import checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpointing import checkpoint_name, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainingConfig
 from .model import autocast_for
 

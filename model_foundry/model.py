@@ -6,13 +6,12 @@
 __all__ = ['model_config_for', 'build_model', 'count_parameters', 'resolve_device', 'resolve_precision', 'autocast_for',
            'load_pretrained']
 
-# %% ../nbs/02_model.ipynb #f9d44006
+# %% ../nbs/02_model.ipynb #717331e5
 import contextlib
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
-from transformers.utils import logging as hf_logging
 
 from .config import ConfigError, ModelConfig
 

@@ -5,15 +5,14 @@
 # %% auto #0
 __all__ = ['text_batches', 'file_perplexity', 'read_metrics', 'plot_losses', 'plot_suite', 'render_markdown', 'write_report']
 
-# %% ../nbs/05b_reports.ipynb #b0741635
-import json, math
+# %% ../nbs/05b_reports.ipynb #63f0f52c
+import json
 from pathlib import Path
 from typing import Optional
 
 import matplotlib
 matplotlib.use('Agg')  # files, not windows
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 from .data import read_chunks, usable_files, corpus_files

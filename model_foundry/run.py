@@ -6,7 +6,7 @@
 __all__ = ['log', 'PACKAGES', 'FINISHED', 'RunDir', 'default_run_dir', 'environment_snapshot', 'seed_everything', 'build_learner',
            'resume_learner', 'export_final', 'RunInterrupted', 'train', 'upload', 'load_run', 'evaluate_run']
 
-# %% ../nbs/07_run.ipynb #7f0f593a
+# %% ../nbs/07_run.ipynb #0ccd8e01
 import json, logging, math, os, platform, random, shutil, subprocess, sys, time
 from dataclasses import dataclass
 from importlib import metadata
@@ -15,7 +15,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import transformers
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 

@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['PromptCase', 'Suite', 'load_suite', 'python_syntax_ok', 'check_case', 'run_suite', 'summarize', 'SuiteCallback']
 
-# %% ../nbs/05a_suites.ipynb #fc78d289
+# %% ../nbs/05a_suites.ipynb #f32a8da4
 import ast, re, statistics
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator

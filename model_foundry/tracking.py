@@ -7,10 +7,10 @@ __all__ = ['WANDB_PREFIX', 'new_run_id', 'start_wandb', 'hardware_stats', 'Wandb
            'UploadFailed', 'delete_local_checkpoints', 'publish_final_model', 'download_artifact', 'artifact_cache_dir',
            'resolve_model_source']
 
-# %% ../nbs/04b_tracking.ipynb #4a7cc46d
-import json, os, re, secrets, shutil, string, time
+# %% ../nbs/04b_tracking.ipynb #d059cbd9
+import os, re, secrets, shutil, string
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 

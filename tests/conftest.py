@@ -40,3 +40,11 @@ class DegradeAfter(Callback):
         if self.learn.step > self.n:
             with torch.no_grad():
                 for p in self.learn.model.parameters(): p.add_(torch.randn_like(p) * 0.05)
+
+
+class InterruptAt(Callback):
+    "Ask the run to stop after step `n` as SIGTERM would (the real signal path is tested in test_lifecycle)."
+    order = 5
+    def __init__(self, n): self.n = n
+    def after_step(self):
+        if self.learn.step == self.n: self.learn.stop_reason = 'interrupted'

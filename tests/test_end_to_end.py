@@ -2,7 +2,6 @@
 import json, math
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, foundry

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FOUNDRY, DegradeAfter, foundry
+from conftest import FOUNDRY, DegradeAfter, InterruptAt, foundry
 from model_foundry.checkpointing import list_checkpoints, read_trainer_state
 from model_foundry.config import load_config
 from model_foundry.loop import Callback, TrainingError
@@ -326,19 +326,11 @@ def test_out_of_memory_on_cpu_is_one_clear_error_and_the_run_is_marked_failed(tm
     assert json.loads((tmp_path/'run'/'state.json').read_text())['status'] == 'failed'
 
 
-class StopAt(Callback):
-    "Ask the run to stop after step `n`, as SIGTERM would (the real signal path is tested above)."
-    order = 5
-    def __init__(self, n): self.n = n
-    def after_step(self):
-        if self.learn.step == self.n: self.learn.stop_reason = 'interrupted'
-
-
 @pytest.mark.slow
 def test_metrics_line_torn_by_a_crash_is_dropped_on_resume(tmp_path, cache_dir, shakespeare):
     from model_foundry.run import RunInterrupted
     cfg = load_config(write_config(tmp_path, shakespeare, steps=30, eval_every=10, ckpt_every=10))
-    with pytest.raises(RunInterrupted): train(cfg, tmp_path/'run', progress=False, callbacks=[StopAt(20)])
+    with pytest.raises(RunInterrupted): train(cfg, tmp_path/'run', progress=False, callbacks=[InterruptAt(20)])
     with open(tmp_path/'run'/'metrics.jsonl', 'a') as f: f.write('{"type": "train", "step": 21, "lo')  # a write cut by SIGKILL
     assert train(cfg, tmp_path/'run', progress=False)['status'] == 'completed'
     lines = (tmp_path/'run'/'metrics.jsonl').read_text().splitlines()

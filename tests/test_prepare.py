@@ -1,8 +1,6 @@
 """`foundry prepare` on real files: cached by content, undecodable files skipped and counted."""
 import time
 
-import pytest
-
 from conftest import foundry
 from model_foundry.config import DataConfig, TokenizerConfig
 from model_foundry.data import prepare

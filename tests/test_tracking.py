@@ -14,11 +14,10 @@ import model_foundry.tracking as tracking
 from model_foundry.checkpointing import list_checkpoints
 from model_foundry.cli import main as foundry_main
 from model_foundry.config import ExperimentConfig
-from model_foundry.loop import Callback
-from model_foundry.run import RunInterrupted, train, upload
+from model_foundry.run import RunInterrupted, train
 from model_foundry.tracking import UploadFailed
 
-from conftest import DegradeAfter
+from conftest import DegradeAfter, InterruptAt
 
 SECRET = 'local-test-key-0123456789abcdef0123456789abcdef01234567'
 
@@ -126,14 +125,6 @@ def test_upload_timeout_keeps_checkpoints_and_marks_run_pending(tmp_path, wandb_
     state = json.loads((run/'state.json').read_text())
     assert state['status'] == 'upload_pending'
     assert len(list_checkpoints(run/'checkpoints')) >= 2 and (run/'final'/'config.json').is_file()
-
-
-class InterruptAt(Callback):
-    "Ask the run to stop at step `n`, as SIGTERM would (the real signal path is tested in test_lifecycle)."
-    order = 5
-    def __init__(self, n): self.n = n
-    def after_step(self):
-        if self.learn.step == self.n: self.learn.stop_reason = 'interrupted'
 
 
 @pytest.mark.slow
