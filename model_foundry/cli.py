@@ -21,7 +21,7 @@ from .jobs import JobFailed, evaluate_job, parse_grid, sweep, train_job, wandb_s
 from .loop import TrainingError
 from .run import RunDir, RunInterrupted, default_run_dir, evaluate_run, load_run, train, upload
 
-# %% ../nbs/08_cli.ipynb #a854077e
+# %% ../nbs/08_cli.ipynb #e6fc736a
 class _Parser(argparse.ArgumentParser):
     "argparse, but a usage error is one line on stderr and exit code 2."
     def error(self, message):
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser('sweep', help='train every point of a grid as a job, skipping finished runs; writes a ranked summary')
     s.add_argument('config')
-    s.add_argument('point', nargs='*', metavar='KEY=VALUE', help='a grid axis of one value (how W&B agents pass their point)')
+    s.add_argument('point', nargs='*', metavar='KEY=VALUE', help='a grid axis of one value, right after CONFIG (how W&B agents pass their point)')
     s.add_argument('--grid', action='append', default=[], metavar='KEY=V1,V2,...', help='a grid axis (repeatable)')
     s.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', **common)
     s.add_argument('--sweep-dir', help='where the runs go (default: <logging.dir>/<experiment_name>-sweep)')

@@ -206,7 +206,7 @@ def sweep(config, grid: dict, overrides=(), sweep_dir=None, echo: bool = True) -
     if failed: raise JobFailed(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); summary in {root/'summary.md'}")
     return root, rows
 
-# %% ../nbs/09_jobs.ipynb #4b2357a5
+# %% ../nbs/09_jobs.ipynb #0e489c2d
 def _scalar(v: str):
     "A grid value as W&B should see it: a number when it reads as one."
     for t in (int, float):
@@ -220,8 +220,8 @@ def wandb_sweep_config(config, grid: dict, overrides=(), sweep_dir=None) -> dict
     base = load_config(config, list(overrides))
     return dict(name=root.name, project=base.logging.wandb_project, method='grid', metric=dict(name='eval/val_loss', goal='minimize'),
                 parameters={k: dict(values=[_scalar(v) for v in vs]) for k, vs in grid.items()},
-                command=['${env}', 'foundry', 'sweep', str(Path(config).resolve()), '--sweep-dir', str(root.resolve()),
-                         *(x for o in overrides for x in ('--set', o)), '${args_no_hyphens}'])
+                command=['${env}', 'foundry', 'sweep', str(Path(config).resolve()), '${args_no_hyphens}', '--sweep-dir', str(root.resolve()),
+                         *(x for o in overrides for x in ('--set', o))])
 
 # %% ../nbs/09_jobs.ipynb #464c90e9
 def sample_markdown(run_dir, n: int = 2, max_new_tokens: int = 120) -> str:
