@@ -81,7 +81,11 @@ def plot_suite(records: list[dict], out: Path) -> Optional[Path]:
     fig.tight_layout(); fig.savefig(out, dpi=100); plt.close(fig)
     return out
 
-# %% ../nbs/05b_reports.ipynb #b04d5af5
+# %% ../nbs/05b_reports.ipynb #c0caf0b4
+def _cell(s: str) -> str:
+    "Text safe inside a markdown table cell: a `|` (as in a regex check) would split the cell."
+    return str(s).replace('|', '\\|')
+
 def _fmt(v):
     if isinstance(v, bool): return 'yes' if v else 'no'
     return 'n/a' if v is None else f'{v:.4f}' if isinstance(v, float) else str(v)
@@ -102,8 +106,8 @@ def render_markdown(rep: dict) -> str:
               + f"; completion length mean {sm['length_mean']:.0f}, median {sm['length_median']}, range {sm['length_min']}-{sm['length_max']} characters.",
               '', '| prompt | language | passed | parses | failed checks |', '|---|---|---|---|---|']
         for r in s['results']:
-            failed = ', '.join(f'`{k}`' for k, ok in r['checks'].items() if not ok) or '-'
-            L.append(f"| {r['name']} | {r['language']} | {'yes' if r['passed'] else 'no'} | {_fmt(r.get('parses'))} | {failed} |")
+            failed = ', '.join(f'`{_cell(k)}`' for k, ok in r['checks'].items() if not ok) or '-'
+            L.append(f"| {_cell(r['name'])} | {r['language']} | {'yes' if r['passed'] else 'no'} | {_fmt(r.get('parses'))} | {failed} |")
     if rep.get('plots'): L += ['', '## Plots', ''] + [f'![{Path(p).stem}]({Path(p).name})' for p in rep['plots']]
     return '\n'.join(L) + '\n'
 

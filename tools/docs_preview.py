@@ -1,0 +1,214 @@
+"""Render the docs site from the notebooks with pure-Python tools, where Quarto cannot be installed.
+
+    python tools/docs_preview.py [--out _site] [--workers 2] [--only PATTERN ...]
+
+The canonical site is nbdev's Quarto build (`nbdev-docs`). This preview builds the same pages from
+the same notebooks: each notebook is executed (nbclient, so plots and outputs are fresh), passed
+through nbdev's own doc processors (`show_doc` for every exported name, `#| hide`, `#| echo: false`,
+frontmatter from the title cell), and converted to HTML with nbconvert. Pages: the home page
+(index.ipynb), tutorials/, explanations/, and the API reference (the numbered notebooks).
+"""
+import argparse, concurrent.futures as cf, html, os, re, shutil, subprocess, sys, tempfile, time
+from pathlib import Path
+
+import nbformat, yaml
+
+REPO = Path(__file__).resolve().parent.parent
+NBS = REPO/'nbs'
+SECTIONS = (('tutorials', 'Tutorials'), ('explanations', 'Explanations'), ('', 'API reference'))
+_DIRECTIVE = re.compile(r'^\s*#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$')
+
+
+def pages() -> list[tuple[str, Path]]:
+    "(section, notebook) for every page, in site order: home, tutorials, explanations, API reference."
+    out = [('home', NBS/'index.ipynb')]
+    out += [('Tutorials', p) for p in sorted((NBS/'tutorials').glob('*.ipynb'))]
+    out += [('Explanations', p) for p in sorted((NBS/'explanations').glob('*.ipynb'))]
+    out += [('API reference', p) for p in sorted(NBS.glob('[0-9]*.ipynb'))]
+    return out
+
+
+def page_name(nb: Path) -> str:
+    "The page's path in the site: numbered prefixes dropped, as nbdev's site names them (00_config -> config.html)."
+    rel = nb.relative_to(NBS)
+    return str(rel.with_name(re.sub(r'^\d+[a-z]?_', '', rel.stem) + '.html'))
+
+
+def directives(src: str) -> dict:
+    "The cell's leading `#| key: value` directives."
+    d = {}
+    for line in src.splitlines():
+        m = _DIRECTIVE.match(line)
+        if not m: break
+        d[m.group(1)] = m.group(2)
+    return d
+
+
+def execute(nb_path: Path, out: Path, timeout: int):
+    "Run the notebook top to bottom in a fresh kernel (cells marked `#| eval: false` are shown, not run); write it to `out`."
+    from nbclient import NotebookClient
+    nb = nbformat.read(nb_path, as_version=4)
+    skipped = {}
+    for i, c in enumerate(nb.cells):
+        if c.cell_type == 'code' and directives(c.source).get('eval', '').lower() == 'false': skipped[i], c.source = c.source, ''
+    NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(nb_path.parent)}}).execute()
+    for i, s in skipped.items(): nb.cells[i].source = s
+    nbformat.write(nb, out)
+
+
+def process(src: Path, dst: Path):
+    "nbdev's doc processors, as `nbdev-docs` applies them before Quarto renders."
+    from nbdev.processors import FilterDefaults
+    from nbdev.serve_drv import exec_nb
+    os.environ['IN_TEST'] = '1'
+    exec_nb(src, dst, FilterDefaults)
+
+
+def _clean(nb) -> tuple[dict, object]:
+    "Frontmatter as a dict, and the notebook with Quarto directives applied and Quarto-only markup removed."
+    meta, cells = {}, []
+    for c in nb.cells:
+        c.metadata = {}  # nbdev's has_sd and timing keys break nbconvert's schema check; nothing here is needed
+        if c.cell_type == 'raw' and c.source.startswith('---'):
+            meta.update(yaml.safe_load(c.source.strip().strip('-')) or {}); continue
+        if c.cell_type == 'markdown':
+            c.source = '\n'.join(l for l in c.source.splitlines() if not l.startswith(':::'))
+            if c.source.strip(): cells.append(c)
+            continue
+        if c.cell_type != 'code': continue
+        d = directives(c.source)
+        if d.get('include') == 'false': continue
+        body = '\n'.join(c.source.splitlines()[len(d):]).strip()
+        c.source = '' if d.get('echo') == 'false' else body
+        if d.get('output') == 'false': c.outputs = []
+        c.outputs = [o for o in c.outputs if not (o.get('output_type') == 'stream' and o.get('name') == 'stderr')]
+        for o in c.outputs:
+            if 'text/markdown' in o.get('data', {}): o['data']['text/markdown'] = _fix_markdown(o['data']['text/markdown'])
+        if not c.source: c.metadata['tags'] = ['no-input']
+        if c.source or c.outputs: cells.append(c)
+    nb.cells = cells
+    return meta, nb
+
+
+def _fix_markdown(md: str) -> str:
+    "show_doc's Quarto-only markup made plain: link attributes dropped, source links (no repository URL here) as text."
+    md = re.sub(r'\[source\]\(/blob/[^/]+/([^)#]+)#L(\d+)\)(\{[^}]*\})?', r'<span class="source">\1:\2</span>', md)
+    return re.sub(r'(\]\([^)]*\))\{[^}]*\}', r'\1', md)
+
+
+def render(src: Path, section: str, name: str, nav: str, out_root: Path) -> dict:
+    "One processed notebook as one HTML page of the site."
+    from nbconvert import HTMLExporter
+    meta, nb = _clean(nbformat.read(src, as_version=4))
+    from nbconvert.preprocessors import TagRemovePreprocessor
+    ex = HTMLExporter(template_name='basic', exclude_input_prompt=True, exclude_output_prompt=True)
+    ex.register_preprocessor(TagRemovePreprocessor(remove_input_tags={'no-input'}), enabled=True)
+    body, _ = ex.from_notebook_node(nb)
+    depth = name.count('/')
+    body = body.replace('href="/', 'href="' + '../' * depth)  # nbdev's doc links are site-absolute; the preview is opened from files
+    title = meta.get('title') or src.stem
+    page = TEMPLATE.format(title=html.escape(str(title)),
+                           description=re.sub(r'`([^`]+)`', r'<code>\1</code>', html.escape(str(meta.get('description', '')))),
+                           nav=nav.replace('href="', 'href="' + '../' * depth), body=body, css='../' * depth + 'site.css',
+                           section=html.escape(section))
+    out = out_root/name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return dict(name=name, title=title, section=section)
+
+
+def _build_one(nb: Path, work: Path, timeout: int) -> Path:
+    "Execute and process one notebook in its own process (kernels and nbdev's in-process shell stay apart)."
+    rel = nb.relative_to(NBS)
+    executed, processed = work/'executed'/rel, work/'processed'/rel
+    executed.parent.mkdir(parents=True, exist_ok=True); processed.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, __file__, '--one', str(nb), str(executed), str(processed), '--timeout', str(timeout)],
+                       cwd=REPO, capture_output=True, text=True)
+    if r.returncode: raise RuntimeError(f'{rel} failed:\n{r.stderr[-4000:]}')
+    return processed
+
+
+def _title_of(nb: Path) -> str:
+    "The notebook's title: its first markdown heading."
+    for c in nbformat.read(nb, as_version=4).cells:
+        if c.cell_type == 'markdown' and (m := re.match(r'#\s+(.+)', c.source.strip())): return m.group(1).strip()
+    return nb.stem
+
+
+def build(out: Path, workers: int = 2, only=(), timeout: int = 900) -> list[dict]:
+    "Build the site into `out`; returns one record per page."
+    todo = [(s, p) for s, p in pages() if not only or any(re.search(o, str(p.relative_to(NBS))) for o in only)]
+    links, current = [], None
+    for s, p in pages():
+        if s != current and s != 'home': links.append(f'<h3>{html.escape(s)}</h3>')
+        current = s
+        links.append(f'<a href="{page_name(p)}">{html.escape(_title_of(p) if s != "home" else "Home")}</a>')
+    nav = '\n'.join(links)
+    out.mkdir(parents=True, exist_ok=True)
+    (out/'site.css').write_text(CSS + _pygments_css())
+    work = Path(tempfile.mkdtemp(prefix='docs-preview-'))
+    built = []
+    try:
+        with cf.ThreadPoolExecutor(workers) as pool:
+            futs = {pool.submit(_build_one, p, work, timeout): (s, p, time.time()) for s, p in todo}
+            for f in cf.as_completed(futs):
+                s, p, t0 = futs[f]
+                built.append(render(f.result(), s, page_name(p), nav, out))
+                print(f'{page_name(p):36s} {time.time() - t0:6.1f} s', flush=True)
+    finally: shutil.rmtree(work, ignore_errors=True)
+    return built
+
+
+def _pygments_css() -> str:
+    from pygments.formatters import HtmlFormatter
+    return HtmlFormatter(style='default').get_style_defs('.highlight')
+
+
+TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} – model_foundry</title><link rel="stylesheet" href="{css}"></head>
+<body><nav class="sidebar"><div class="brand">model_foundry</div>{nav}</nav>
+<main><header><p class="section">{section}</p><h1 class="title">{title}</h1><p class="description">{description}</p></header>
+{body}</main></body></html>
+"""
+
+CSS = """
+body { margin: 0; font: 16px/1.55 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; display: flex; }
+nav.sidebar { position: sticky; top: 0; height: 100vh; overflow-y: auto; width: 250px; flex: none; padding: 1.2em;
+  background: #f6f8fa; border-right: 1px solid #ddd; box-sizing: border-box; }
+nav.sidebar .brand { font-weight: 700; font-size: 1.2em; margin-bottom: .8em; }
+nav.sidebar h3 { font-size: .8em; text-transform: uppercase; color: #666; margin: 1.2em 0 .3em; }
+nav.sidebar a { display: block; color: #0b5cad; text-decoration: none; padding: .15em 0; }
+main { max-width: 980px; padding: 1.5em 2.5em; min-width: 0; }
+header .section { color: #888; margin: 0; font-size: .85em; text-transform: uppercase; }
+h1.title { margin: .1em 0; } header .description { color: #555; font-size: 1.1em; }
+pre, code { font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; font-size: .88em; }
+.jp-InputArea pre, .highlight pre { background: #f6f8fa; padding: .7em 1em; border-radius: 6px; overflow-x: auto; }
+.jp-OutputArea pre { padding: .3em 1em; overflow-x: auto; border-left: 3px solid #e3e3e3; }
+.jp-Cell { margin: .6em 0; } img { max-width: 100%; }
+table { border-collapse: collapse; } th, td { border: 1px solid #ddd; padding: .25em .6em; }
+.jp-RenderedMarkdown h3 code, h3 code { font-size: 1em; }
+.anchor-link { visibility: hidden; text-decoration: none; margin-left: .2em; } :hover > .anchor-link { visibility: visible; }
+.source { float: right; font-size: .8em; color: #888; font-family: ui-monospace, monospace; }
+"""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--out', default=str(REPO/'_site'), help='output folder (default: _site)')
+    ap.add_argument('--workers', type=int, default=2)
+    ap.add_argument('--only', action='append', default=[], metavar='REGEX', help='build only matching notebooks (repeatable)')
+    ap.add_argument('--timeout', type=int, default=900, help='seconds a cell may run')
+    ap.add_argument('--one', nargs=3, metavar=('NOTEBOOK', 'EXECUTED', 'PROCESSED'), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.one:
+        nb, executed, processed = map(Path, a.one)
+        execute(nb, executed, a.timeout); process(executed, processed)
+        return 0
+    t = time.time()
+    built = build(Path(a.out), a.workers, a.only, a.timeout)
+    print(f'{len(built)} pages in {time.time() - t:.0f} s: {Path(a.out)/"index.html"}')
+    return 0
+
+
+if __name__ == '__main__': sys.exit(main())
