@@ -9,7 +9,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 RUN_CONFIG ?= configs/python-stdlib.yaml
 RUN_DIR    ?= runs/python-stdlib
 
-.PHONY: run test install install-dev export clean-nbs readme check-clean bench
+.PHONY: run test install install-dev export clean-nbs readme check-clean bench browser docs-preview
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ run: install
 	$(BIN)/foundry generate $(RUN_DIR) --prompt "class" --max-new-tokens 150 --temperature 0.8 --top-k 50 --seed 1
 	$(BIN)/foundry eval $(RUN_DIR) --suite suites/python.yaml
 
-test: install-dev
+test: install-dev browser
 	$(BIN)/nbdev-test --n-workers 2
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not gpu" tests
 
@@ -43,6 +43,22 @@ export:
 check-clean: export
 	@test -z "$$(git status --porcelain -- nbs model_foundry README.md)" || \
 	  (git status --porcelain -- nbs model_foundry README.md; echo "nbdev-export / nbdev-clean / README left a diff: run 'make export' and commit"; exit 1)
+
+# The docs test opens pages in the system's Chromium (Debian's package; no browser is downloaded).
+# Installed here where apt-get can run as root; elsewhere the test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get) for the docs browser test"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } || \
+	    echo "apt-get could not install chromium: the docs browser test will skip"; \
+	  else echo "no chromium and no root apt-get: the docs browser test will skip"; fi
+
+# The docs site without Quarto: every notebook executed, nbdev's doc processors, nbconvert -> _site/index.html.
+# The canonical build stays nbdev-docs (Quarto) where Quarto is installed.
+docs-preview: install-dev
+	$(BIN)/python tools/docs_preview.py --out _site
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py

@@ -147,15 +147,18 @@ def build(out: Path, workers: int = 2, only=(), timeout: int = 900) -> list[dict
     out.mkdir(parents=True, exist_ok=True)
     (out/'site.css').write_text(CSS + _pygments_css())
     work = Path(tempfile.mkdtemp(prefix='docs-preview-'))
-    built = []
+    built, failed = [], []
     try:
         with cf.ThreadPoolExecutor(workers) as pool:
             futs = {pool.submit(_build_one, p, work, timeout): (s, p, time.time()) for s, p in todo}
             for f in cf.as_completed(futs):
                 s, p, t0 = futs[f]
-                built.append(render(f.result(), s, page_name(p), nav, out))
+                try: built.append(render(f.result(), s, page_name(p), nav, out))
+                except RuntimeError as e:
+                    failed.append(p.name); print(e, file=sys.stderr, flush=True); continue
                 print(f'{page_name(p):36s} {time.time() - t0:6.1f} s', flush=True)
     finally: shutil.rmtree(work, ignore_errors=True)
+    if failed: raise SystemExit(f'docs preview: {len(failed)} notebook(s) failed to build: {", ".join(sorted(failed))}')
     return built
 
 

@@ -1,0 +1,81 @@
+"""The docs preview, built from the notebooks with pure-Python tools and opened in a real headless Chromium."""
+import os, shutil, subprocess, sys, time
+
+import pytest
+
+from conftest import REPO
+
+
+def chromium() -> str | None:
+    "The system's Chromium (Debian's `chromium` package; `make test` installs it where apt-get can), or $CHROMIUM."
+    for name in (os.environ.get('CHROMIUM'), 'chromium', 'chromium-browser'):
+        if name and (path := shutil.which(name)): return path
+    return None
+
+
+@pytest.fixture(scope='module')
+def site(tmp_path_factory):
+    "The whole site, built as `make docs-preview` builds it (every notebook executed)."
+    out = tmp_path_factory.mktemp('site')
+    t = time.time()
+    res = subprocess.run([sys.executable, str(REPO/'tools'/'docs_preview.py'), '--out', str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
+    print(f'docs preview built in {time.time() - t:.0f} s:\n{res.stdout}')
+    return out
+
+
+@pytest.fixture(scope='module')
+def browser():
+    exe = chromium()
+    if exe is None: pytest.skip('no Chromium on this machine (apt-get install chromium; `make test` does it where it runs as root)')
+    try: from playwright.sync_api import sync_playwright
+    except ImportError: pytest.skip('playwright is not installed (it is in the dev extras: pip install -e .[dev])')
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=['--no-sandbox'])  # the system browser: nothing is downloaded
+        yield b
+        b.close()
+
+
+@pytest.mark.slow
+def test_docs_preview_builds_every_page_without_errors(site):
+    pages = sorted(str(p.relative_to(site)) for p in site.rglob('*.html'))
+    for must in ('index.html', 'tutorials/train_python_stdlib.html', 'explanations/run_directory.html',
+                 'config.html', 'run.html', 'jobs.html', 'cli.html'):
+        assert must in pages, pages
+    for p in site.rglob('*.html'):
+        text = p.read_text()
+        assert 'Traceback (most recent call last)' not in text, p       # no cell failed while the page was built
+        assert '{target=' not in text and ':::' not in text, p           # no Quarto-only markup left raw
+
+
+@pytest.mark.slow
+def test_docs_pages_render_api_docs_and_plots_in_chromium(site, browser, tmp_path):
+    page = browser.new_page(viewport={'width': 1280, 'height': 900})
+
+    # the home page: the README's content and a sidebar that reaches every section
+    page.goto((site/'index.html').as_uri())
+    assert page.title().startswith('model_foundry')
+    assert page.locator('main').get_by_text('make test').first.is_visible()
+    nav = page.locator('nav.sidebar')
+    for section in ('Tutorials', 'Explanations', 'API reference'): assert nav.get_by_text(section, exact=True).is_visible()
+    page.screenshot(path=str(tmp_path/'index.png'), full_page=True)
+
+    # following the sidebar to an API page: show_doc's rendered signature and docstring, and a drawn plot
+    nav.get_by_role('link', name='Reports', exact=True).click()
+    page.wait_for_load_state()
+    assert page.url.endswith('/reports.html')
+    assert page.locator('h3', has_text='plot_losses').first.is_visible()
+    sig = page.locator('pre', has_text='def plot_losses(')
+    assert sig.count() == 1 and sig.is_visible() and 'block_size:int' in sig.inner_text()
+    assert page.get_by_text('loss.png: train and val loss against step and against tokens seen.').is_visible()
+    drawn = page.evaluate("[...document.images].filter(i => i.complete && i.naturalWidth > 300).map(i => i.getBoundingClientRect().width)")
+    assert drawn and all(w > 300 for w in drawn), drawn  # decoded and laid out, not a broken-image icon
+    page.screenshot(path=str(tmp_path/'reports.png'), full_page=True)
+
+    # the tutorial shows its run's loss curve, and its links into the rest of the site work
+    page.goto((site/'tutorials'/'train_python_stdlib.html').as_uri())
+    assert page.evaluate("[...document.images].filter(i => i.complete && i.naturalWidth > 300).length") >= 1
+    page.get_by_role('link', name='the run directory').first.click()
+    page.wait_for_load_state()
+    assert page.url.endswith('/explanations/run_directory.html') and page.locator('h1.title').inner_text().startswith('The run directory')
