@@ -117,15 +117,15 @@ def render(src: Path, section: str, name: str, nav: str, out_root: Path) -> dict
     return dict(name=name, title=title, section=section)
 
 
-def _build_one(nb: Path, work: Path, timeout: int) -> Path:
+def _build_one(nb: Path, work: Path, timeout: int) -> tuple[Path, float]:
     "Execute and process one notebook in its own process (kernels and nbdev's in-process shell stay apart)."
-    rel = nb.relative_to(NBS)
+    t, rel = time.time(), nb.relative_to(NBS)
     executed, processed = work/'executed'/rel, work/'processed'/rel
     executed.parent.mkdir(parents=True, exist_ok=True); processed.parent.mkdir(parents=True, exist_ok=True)
     r = subprocess.run([sys.executable, __file__, '--one', str(nb), str(executed), str(processed), '--timeout', str(timeout)],
                        cwd=REPO, capture_output=True, text=True)
     if r.returncode: raise RuntimeError(f'{rel} failed:\n{r.stderr[-4000:]}')
-    return processed
+    return processed, time.time() - t
 
 
 def _title_of(nb: Path) -> str:
@@ -150,13 +150,15 @@ def build(out: Path, workers: int = 2, only=(), timeout: int = 900) -> list[dict
     built, failed = [], []
     try:
         with cf.ThreadPoolExecutor(workers) as pool:
-            futs = {pool.submit(_build_one, p, work, timeout): (s, p, time.time()) for s, p in todo}
+            futs = {pool.submit(_build_one, p, work, timeout): (s, p) for s, p in todo}
             for f in cf.as_completed(futs):
-                s, p, t0 = futs[f]
-                try: built.append(render(f.result(), s, page_name(p), nav, out))
+                s, p = futs[f]
+                try:
+                    processed, secs = f.result()
+                    built.append(render(processed, s, page_name(p), nav, out))
                 except RuntimeError as e:
                     failed.append(p.name); print(e, file=sys.stderr, flush=True); continue
-                print(f'{page_name(p):36s} {time.time() - t0:6.1f} s', flush=True)
+                print(f'{page_name(p):36s} {secs:6.1f} s', flush=True)
     finally: shutil.rmtree(work, ignore_errors=True)
     if failed: raise SystemExit(f'docs preview: {len(failed)} notebook(s) failed to build: {", ".join(sorted(failed))}')
     return built
