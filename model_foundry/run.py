@@ -181,7 +181,7 @@ def export_final(run: RunDir, learn: Learner, tokenizer) -> Path:
     tmp.rename(run.final)
     return run.final
 
-# %% ../nbs/07_run.ipynb #98e6959b
+# %% ../nbs/07_run.ipynb #aae443da
 class RunInterrupted(Exception):
     "The run stopped on a signal after checkpointing; `exit_code` is 128 + the signal number."
     def __init__(self, msg: str, exit_code: int):
@@ -194,10 +194,10 @@ def _default_prompts(prepared: PreparedData, n_tokens: int = 16) -> list[str]:
     return [prepared.tokenizer.decode(prepared.val[:n_tokens].tolist())]
 
 def _start_tracking(cfg: ExperimentConfig, run: RunDir, state: dict):
-    "The W&B run for `cfg` (continuing the run id in the state), or None when tracking is off."
+    "The W&B run for `cfg` (continuing the run id in the state; a W&B sweep agent's WANDB_RUN_ID for a new run), or None."
     lc = cfg.logging
     if not lc.use_wandb or lc.wandb_mode == 'disabled': return None
-    run_id = state.get('tracker_run_id') or new_run_id()
+    run_id = state.get('tracker_run_id') or os.environ.get('WANDB_RUN_ID') or new_run_id()
     run.write_state(tracker_run_id=run_id)
     return start_wandb(lc, run_id, cfg.experiment_name, cfg.model_dump(mode='json'), run.root)
 

@@ -185,3 +185,17 @@ def test_unreachable_wandb_in_online_mode_falls_back_to_offline_and_training_goe
     assert 'W&B unreachable' in caplog.text and 'continuing offline' in caplog.text
     assert state['status'] == 'completed' and state['upload'] == 'awaiting_sync'
     assert list((wandb_env/'wandb').glob(f"offline-run-*-{state['tracker_run_id']}"))
+
+
+@pytest.mark.slow
+def test_wandb_agent_run_id_names_a_new_run_but_not_a_resumed_one(tmp_path, wandb_env, shakespeare, monkeypatch):
+    # a W&B sweep agent starts its command with WANDB_RUN_ID set: the run must log to that W&B run
+    monkeypatch.setenv('WANDB_RUN_ID', 'agentrun1')
+    run = tmp_path/'run'
+    with pytest.raises(RunInterrupted): train(tiny_cfg(shakespeare, steps=20), run, progress=False, callbacks=[InterruptAt(10)])
+    assert json.loads((run/'state.json').read_text())['tracker_run_id'] == 'agentrun1'
+    assert list((wandb_env/'wandb').glob('offline-run-*-agentrun1'))
+    # resumed later from another environment, the run keeps its own id
+    monkeypatch.setenv('WANDB_RUN_ID', 'someother')
+    state = train(tiny_cfg(shakespeare, steps=20), run, progress=False)
+    assert state['status'] == 'completed' and state['tracker_run_id'] == 'agentrun1'
