@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sweep)
     return p
 
-# %% ../nbs/08_cli.ipynb #44ad5c9b
+# %% ../nbs/08_cli.ipynb #ad7db705
 def _config(args):
     "The validated config of `args`; its logging level applies from here on."
     cfg = load_config(args.config, args.set)
@@ -158,7 +158,10 @@ def cmd_job_train(args) -> int:
     "foundry job train: foundry train through the job notebook; the executed copy is RUN_DIR/train.ipynb."
     cfg = _config(args)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    st = train_job(args.config, run_dir, args.set)
+    try: st = train_job(args.config, run_dir, args.set)
+    except RunInterrupted as e:
+        print(f"foundry: {e}", file=sys.stderr)
+        return e.exit_code
     print(f"{_run_line(run_dir, st)}; lab notebook {run_dir/'train.ipynb'}")
     return 0
 
@@ -179,7 +182,10 @@ def cmd_sweep(args) -> int:
         out.write_text(yaml.safe_dump(wandb_sweep_config(args.config, grid, args.set, args.sweep_dir), sort_keys=False))
         print(f"wrote {out}: start it with `wandb sweep {out}`, then `wandb agent ENTITY/PROJECT/SWEEP_ID` on each machine")
         return 0
-    root, rows = sweep(args.config, grid, args.set, args.sweep_dir)
+    try: root, rows = sweep(args.config, grid, args.set, args.sweep_dir)
+    except RunInterrupted as e:
+        print(f"foundry: sweep stopped: {e}; `foundry sweep` again resumes it", file=sys.stderr)
+        return e.exit_code
     for i, r in enumerate(rows, 1):
         bvl = r['best_val_loss']
         print(f"{i:>3}. {r['run']}: {'n/a' if bvl is None else f'{bvl:.4f}'} ({r['status'].replace('_', ' ')})")

@@ -5,7 +5,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, foundry
+from conftest import FOUNDRY, REPO, foundry
 
 PAPERMILL = Path(sys.executable).parent/'papermill'
 
@@ -101,6 +101,33 @@ def test_papermill_job_resumes_after_kill_then_skips_when_complete(tmp_path, cac
     report = json.loads((run/'report'/'report.json').read_text())
     assert report['suites'][0]['suite'] == 'python' and report['validation']['tokens'] > 0
     assert 'Suite python' in outputs_text(run/'evaluate.ipynb')
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_job_stops_its_run_at_a_checkpoint_and_the_job_resumes_there(tmp_path, cache_dir, shakespeare):
+    cfg = tmp_path/'tiny.yaml'
+    cfg.write_text(TINY.format(corpus=shakespeare, steps=500))
+    run = tmp_path/'run'
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))
+    proc = subprocess.Popen([str(FOUNDRY),
+                             'job', 'train', str(cfg), '--run-dir', str(run)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (run/'checkpoints'/'step-00000100'/'COMPLETE').exists():
+        assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # to the foundry process only, as a scheduler does: the kernel is in its own group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    state = json.loads((run/'state.json').read_text())
+    step = state['step']
+    assert state['status'] == 'interrupted' and 100 <= step < 500, state
+    assert (run/'checkpoints'/f'step-{step:08d}'/'COMPLETE').is_file()  # the step it stopped at was checkpointed
+    assert f'interrupted at step {step}' in err and 'SIGTERM received' in outputs_text(run/'train.ipynb')
+
+    res = foundry('job', 'train', cfg, '--run-dir', run, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = json.loads((run/'state.json').read_text())
+    assert state['status'] == 'completed' and state['resumed_from'] == f'step-{step:08d}', state
 
 
 @pytest.mark.slow
