@@ -76,7 +76,7 @@ class ForwardSignals:
     def __exit__(self, *exc):
         for s, h in self.previous.items(): signal.signal(s, h)
 
-# %% ../nbs/09_jobs.ipynb #6dd883c0
+# %% ../nbs/09_jobs.ipynb #b5b0cc59
 def execute_job(name: str, out: Path, parameters: dict, echo: bool = True) -> Path:
     "Execute job notebook `name` with `parameters` into `out` (papermill); the kernel's output is echoed when `echo`."
     import papermill as pm
@@ -87,7 +87,8 @@ def execute_job(name: str, out: Path, parameters: dict, echo: bool = True) -> Pa
     with ForwardSignals() as fwd:
         try:
             pm.execute_notebook(str(nb), str(out), parameters=parameters, kernel_name='python3', progress_bar=False,
-                                cwd=os.getcwd(), stdout_file=sys.stdout if echo else None, stderr_file=sys.stderr if echo else None)
+                                cwd=os.getcwd(), stdout_file=sys.stdout if echo else None, stderr_file=sys.stderr if echo else None,
+                                extra_arguments=['--IPKernelApp.log_level=ERROR'])  # not its warning about local TCP on every start
         except PapermillExecutionError as e:
             value = str(e.evalue).splitlines()[0] if e.evalue else ''
             if e.ename == 'ConfigError': raise ConfigError(value) from None

@@ -1,6 +1,7 @@
 """Render the docs site from the notebooks with pure-Python tools, where Quarto cannot be installed.
 
     python tools/docs_preview.py [--out _site] [--workers 2] [--only PATTERN ...]
+    python tools/docs_preview.py --execute-in-place     (before nbdev-docs: Quarto renders stored outputs)
 
 The canonical site is nbdev's Quarto build (`nbdev-docs`). This preview builds the same pages from
 the same notebooks: each notebook is executed (nbclient, so plots and outputs are fresh), passed
@@ -204,6 +205,8 @@ def main(argv=None) -> int:
     ap.add_argument('--workers', type=int, default=2)
     ap.add_argument('--only', action='append', default=[], metavar='REGEX', help='build only matching notebooks (repeatable)')
     ap.add_argument('--timeout', type=int, default=900, help='seconds a cell may run')
+    ap.add_argument('--execute-in-place', action='store_true',
+                    help="only execute the notebooks, writing their outputs into nbs/ (for nbdev-docs, which renders stored outputs; do not commit them)")
     ap.add_argument('--one', nargs=3, metavar=('NOTEBOOK', 'EXECUTED', 'PROCESSED'), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
@@ -211,6 +214,11 @@ def main(argv=None) -> int:
         execute(nb, executed, a.timeout); process(executed, processed)
         return 0
     t = time.time()
+    if a.execute_in_place:
+        todo = [p for _, p in pages() if not a.only or any(re.search(o, str(p.relative_to(NBS))) for o in a.only)]
+        with cf.ThreadPoolExecutor(a.workers) as pool: list(pool.map(lambda p: execute(p, p, a.timeout), todo))
+        print(f'{len(todo)} notebooks executed in place in {time.time() - t:.0f} s')
+        return 0
     built = build(Path(a.out), a.workers, a.only, a.timeout)
     print(f'{len(built)} pages in {time.time() - t:.0f} s: {Path(a.out)/"index.html"}')
     return 0
