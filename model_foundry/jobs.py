@@ -172,7 +172,7 @@ def sweep_rows(sweep_dir) -> list[dict]:
                          tokens_per_s=round(sum(r['tokens_per_s'] for r in tr) / len(tr)) if tr else None))
     return sorted(rows, key=lambda r: (r['best_val_loss'] is None, r['best_val_loss'] or 0.0, r['run']))
 
-# %% ../nbs/09_jobs.ipynb #b885b272
+# %% ../nbs/09_jobs.ipynb #75f8870d
 def _fmt(v): return '' if v is None else f'{v:.4f}' if isinstance(v, float) else str(v)
 
 def plot_sweep(sweep_dir, rows: list[dict], out: Path) -> Optional[Path]:
@@ -184,9 +184,10 @@ def plot_sweep(sweep_dir, rows: list[dict], out: Path) -> Optional[Path]:
         ev = [m for m in read_metrics(Path(sweep_dir)/r['run']/'metrics.jsonl') if m['type'] == 'eval']
         a.plot([m['step'] for m in ev], [m['val_loss'] for m in ev], 'o-', ms=3, label=r['run'])
     a.set_xlabel('step'); a.set_ylabel('val loss'); a.grid(alpha=0.3); a.legend(fontsize=7)
-    b.barh([r['run'] for r in done][::-1], [r['best_val_loss'] for r in done][::-1], color='tab:blue')
+    bars = b.barh([r['run'] for r in done][::-1], [r['best_val_loss'] for r in done][::-1], color='tab:blue')
+    b.bar_label(bars, fmt='%.4f', padding=3, fontsize=7)
     lo = min(r['best_val_loss'] for r in done); hi = max(r['best_val_loss'] for r in done)
-    b.set_xlim(lo - 0.1 * (hi - lo + 0.1), hi + 0.1 * (hi - lo + 0.1)); b.set_xlabel('best val loss (lower is better)')
+    b.set_xlim(lo - 0.1 * (hi - lo + 0.1), hi + 0.25 * (hi - lo + 0.1)); b.set_xlabel('best val loss (lower is better)')
     b.tick_params(axis='y', labelsize=7); b.grid(axis='x', alpha=0.3)
     fig.suptitle(f'sweep {Path(sweep_dir).name}: {len(done)} of {len(rows)} runs with a val loss'); fig.tight_layout()
     fig.savefig(out, dpi=100); plt.close(fig)
