@@ -33,7 +33,7 @@ run: install
 
 test: install-dev browser
 	$(BIN)/nbdev-test --n-workers 2
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not gpu" tests
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not gpu" --durations=12 tests
 
 export:
 	$(BIN)/nbdev-export
