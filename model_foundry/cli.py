@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sweep)
     return p
 
-# %% ../nbs/08_cli.ipynb #ad7db705
+# %% ../nbs/08_cli.ipynb #9b9046e4
 def _config(args):
     "The validated config of `args`; its logging level applies from here on."
     cfg = load_config(args.config, args.set)
@@ -158,10 +158,7 @@ def cmd_job_train(args) -> int:
     "foundry job train: foundry train through the job notebook; the executed copy is RUN_DIR/train.ipynb."
     cfg = _config(args)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    try: st = train_job(args.config, run_dir, args.set)
-    except RunInterrupted as e:
-        print(f"foundry: {e}", file=sys.stderr)
-        return e.exit_code
+    st = train_job(args.config, run_dir, args.set)
     print(f"{_run_line(run_dir, st)}; lab notebook {run_dir/'train.ipynb'}")
     return 0
 
@@ -192,7 +189,7 @@ def cmd_sweep(args) -> int:
     print(f"summary: {root/'summary.md'} (and summary.csv, summary.png)")
     return 0
 
-# %% ../nbs/08_cli.ipynb #f32a0563
+# %% ../nbs/08_cli.ipynb #ef7512f9
 def main(argv=None) -> int:
     "Run the `foundry` command line; returns the exit code."
     args = build_parser().parse_args(argv)
@@ -206,6 +203,9 @@ def main(argv=None) -> int:
         return 1
     except JobFailed as e:
         print(f"foundry: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except RunInterrupted as e:  # a signal: the run (or job) checkpointed and stopped; running it again resumes
+        print(f"foundry: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt: return 130
     print(f"foundry: error: {msg}", file=sys.stderr)

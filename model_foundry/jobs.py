@@ -7,7 +7,7 @@ __all__ = ['log', 'job_notebook', 'JobLog', 'JobFailed', 'keep_previous', 'Forwa
            'evaluate_job', 'parse_grid', 'expand_grid', 'point_name', 'sweep_runs', 'sweep_rows', 'plot_sweep',
            'write_summary', 'sweep', 'wandb_sweep_config', 'sample_markdown']
 
-# %% ../nbs/09_jobs.ipynb #e50524c9
+# %% ../nbs/09_jobs.ipynb #28646fa8
 import csv, itertools, json, logging, os, re, signal, subprocess, sys, threading, time
 from pathlib import Path
 from typing import Optional
@@ -18,10 +18,10 @@ import psutil
 import yaml
 
 import model_foundry
-from .config import ConfigError, apply_overrides, load_config
+from .config import ConfigError, apply_overrides, load_config, resolve_config
 from .loop import Callback
 from .reports import read_metrics
-from .run import FINISHED, RunDir, RunInterrupted, default_run_dir
+from .run import FINISHED, RunDir, RunInterrupted, check_same_config, default_run_dir
 
 # %% ../nbs/09_jobs.ipynb #212e42e6
 log = logging.getLogger('model_foundry')
@@ -60,14 +60,16 @@ def keep_previous(path: Path) -> Optional[Path]:
                  if (m := re.fullmatch(rf'{re.escape(path.stem)}\.attempt-(\d+)\.ipynb', p.name))], default=0)
     return path.rename(path.with_name(f'{path.stem}.attempt-{n}.ipynb'))
 
-# %% ../nbs/09_jobs.ipynb #e844664f
+# %% ../nbs/09_jobs.ipynb #4bb2a395
 class ForwardSignals:
-    "Within this block, SIGINT and SIGTERM sent to this process are passed on to its child processes (a job's kernel)."
+    "Within this block, SIGINT and SIGTERM sent to this process interrupt its kernel (a direct child) with SIGINT."
     def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)): self.signals, self.received, self.previous = signals, None, {}
     def _handle(self, signum, frame):
         self.received = signum
-        for p in psutil.Process().children(recursive=True):
-            try: p.send_signal(signum)
+        kids = psutil.Process().children()  # the kernel; not its own children (e.g. W&B's service), which it stops itself
+        if not kids: raise KeyboardInterrupt  # no kernel yet: stop here
+        for p in kids:
+            try: p.send_signal(signal.SIGINT)
             except psutil.NoSuchProcess: pass
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # handlers can only be installed there
@@ -76,34 +78,45 @@ class ForwardSignals:
     def __exit__(self, *exc):
         for s, h in self.previous.items(): signal.signal(s, h)
 
-# %% ../nbs/09_jobs.ipynb #b5b0cc59
+# %% ../nbs/09_jobs.ipynb #ccadda71
+_INPUT_ERRORS = ('ConfigError', 'FileNotFoundError', 'PermissionError', 'IsADirectoryError', 'NotADirectoryError')
+
 def execute_job(name: str, out: Path, parameters: dict, echo: bool = True) -> Path:
     "Execute job notebook `name` with `parameters` into `out` (papermill); the kernel's output is echoed when `echo`."
     import papermill as pm
+    from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
     nb = job_notebook(name)
     out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger('papermill').setLevel(logging.WARNING)
     with ForwardSignals() as fwd:
+        stopped = lambda what: RunInterrupted(f'job {name} {what} on {signal.Signals(fwd.received or signal.SIGINT).name} '
+                                              f'(lab notebook {out})', 128 + (fwd.received or signal.SIGINT))
         try:
             pm.execute_notebook(str(nb), str(out), parameters=parameters, kernel_name='python3', progress_bar=False,
                                 cwd=os.getcwd(), stdout_file=sys.stdout if echo else None, stderr_file=sys.stderr if echo else None,
                                 extra_arguments=['--IPKernelApp.log_level=ERROR'])  # not its warning about local TCP on every start
         except PapermillExecutionError as e:
             value = str(e.evalue).splitlines()[0] if e.evalue else ''
-            if e.ename == 'ConfigError': raise ConfigError(value) from None
-            if e.ename in ('RunInterrupted', 'KeyboardInterrupt'):
-                raise RunInterrupted(f'{value} (lab notebook {out})', 128 + (fwd.received or signal.SIGINT)) from None
+            if e.ename in _INPUT_ERRORS: raise ConfigError(value or e.ename) from None  # bad input: one line, exit code 2
+            if e.ename == 'RunInterrupted': raise RunInterrupted(f'{value} (lab notebook {out})', 128 + (fwd.received or signal.SIGINT)) from None
+            if e.ename == 'KeyboardInterrupt': raise stopped(f'stopped in cell {e.exec_count}') from None
             raise JobFailed(f'{e.ename}: {value} (job cell {e.exec_count}; lab notebook {out})', e.ename) from None
+        except DeadKernelError:
+            if fwd.received: raise stopped('stopped at once (second signal)') from None
+            raise JobFailed(f"the job's kernel died (out of memory?); lab notebook {out}", 'DeadKernelError') from None
+        except KeyboardInterrupt: raise stopped('stopped before its kernel started') from None
+    if fwd.received: raise stopped('stopped')  # a signal between cells: the job ran on, but it was asked to stop
     return out
 
-# %% ../nbs/09_jobs.ipynb #0cfb7328
+# %% ../nbs/09_jobs.ipynb #296ead5a
 def train_job(config, run_dir=None, overrides=(), echo: bool = True) -> dict:
     "Run jobs/train.ipynb for `config` (+ `overrides`) in `run_dir`, unless that run is finished; return the run's state."
     cfg = load_config(config, list(overrides))
     run = RunDir(run_dir or default_run_dir(cfg))
     state, nb = run.read_state(), run.root/'train.ipynb'
     if state.get('status') in FINISHED and nb.is_file():
+        check_same_config(run, resolve_config(cfg, state['train_blocks'], state['vocab_size']))  # as `train` does
         log.info(f"run {run.root} is already {state['status'].replace('_', ' ')} (best val loss {state.get('best_val_loss')} "
                  f"at step {state.get('best_step')}); lab notebook {nb}")
         return state
@@ -115,11 +128,11 @@ def evaluate_job(run_dir, suites=(), texts=(), echo: bool = True) -> dict:
     "Run jobs/evaluate.ipynb on `run_dir` into RUN_DIR/evaluate.ipynb; return the report."
     run = RunDir(run_dir)
     if not run.config.is_file(): raise ConfigError(f"not a run directory (no config.yaml): {run.root}")
-    execute_job('evaluate', run.root/'evaluate.ipynb', dict(run_dir=str(run.root.resolve()), suites=[str(Path(s).resolve()) for s in suites],
-                                                           texts=[str(Path(t).resolve()) for t in texts]), echo)
+    execute_job('evaluate', run.root/'evaluate.ipynb', dict(run_dir=str(run.root.resolve()), suites=list(map(str, suites)),
+                                                           texts=list(map(str, texts))), echo)  # the kernel runs in this cwd
     return json.loads((run.root/'report'/'report.json').read_text())
 
-# %% ../nbs/09_jobs.ipynb #b0b8034f
+# %% ../nbs/09_jobs.ipynb #6ae3ff90
 def parse_grid(items) -> dict:
     "{'training.learning_rate': ['1e-3', '3e-4'], ...} from ['training.learning_rate=1e-3,3e-4', ...]."
     grid = {}
@@ -143,9 +156,9 @@ def point_name(point: dict) -> str:
     "A run name for a grid point: the last part of each key and its value, e.g. learning_rate=1e-3_layers=2."
     short = [k.split('.')[-1] for k in point]
     keys = short if len(set(short)) == len(short) else list(point)
-    return '_'.join(f'{k}={re.sub(r"[^A-Za-z0-9.+-]", "-", str(v))}' for k, v in zip(keys, point.values()))
+    return '_'.join(f'{k}={re.sub(r"[^A-Za-z0-9.-]", "-", str(v))}' for k, v in zip(keys, point.values()))
 
-# %% ../nbs/09_jobs.ipynb #973cfaee
+# %% ../nbs/09_jobs.ipynb #35612914
 def sweep_runs(config, grid: dict, overrides=(), sweep_dir=None) -> tuple[Path, list[dict]]:
     "The sweep directory and, per grid point, its run: name, point, overrides and run directory; all configs validated."
     base = load_config(config, list(overrides))
@@ -154,13 +167,17 @@ def sweep_runs(config, grid: dict, overrides=(), sweep_dir=None) -> tuple[Path, 
     for point in expand_grid(grid):
         name = point_name(point)
         ov = [*overrides, *(f'{k}={v}' for k, v in point.items()), f"experiment_name={base.experiment_name}-{name.replace('=', '-')}"]
-        load_config(config, ov)
+        cfg = load_config(config, ov)
+        if any(r['name'] == name for r in runs): raise ConfigError(f"grid points {runs[[r['name'] for r in runs].index(name)]['point']} "
+                                                                   f"and {point} would share the run name {name!r}")
+        st = RunDir(root/name).read_state()
+        if st.get('train_blocks'): check_same_config(RunDir(root/name), resolve_config(cfg, st['train_blocks'], st['vocab_size']))
         runs.append(dict(name=name, point=point, overrides=ov, run_dir=root/name))
     return root, runs
 
-# %% ../nbs/09_jobs.ipynb #5bee0e28
+# %% ../nbs/09_jobs.ipynb #5322630c
 def sweep_rows(sweep_dir) -> list[dict]:
-    "One row per run in `sweep_dir`: its name, grid values, status, best and last val loss, steps, tokens/s; best first."
+    "One row per run in `sweep_dir`: its name, grid values, status, best and last val loss, steps, tokens/s; finished runs first, best first."
     rows = []
     for pf in sorted(Path(sweep_dir).glob('*/sweep_point.json')):
         run = RunDir(pf.parent)
@@ -170,9 +187,9 @@ def sweep_rows(sweep_dir) -> list[dict]:
                          best_val_loss=st.get('best_val_loss'), best_step=st.get('best_step'),
                          last_val_loss=st.get('last_val_loss'), step=st.get('step'),
                          tokens_per_s=round(sum(r['tokens_per_s'] for r in tr) / len(tr)) if tr else None))
-    return sorted(rows, key=lambda r: (r['best_val_loss'] is None, r['best_val_loss'] or 0.0, r['run']))
+    return sorted(rows, key=lambda r: (r['status'] not in FINISHED, r['best_val_loss'] is None, r['best_val_loss'] or 0.0, r['run']))
 
-# %% ../nbs/09_jobs.ipynb #75f8870d
+# %% ../nbs/09_jobs.ipynb #7e9e774f
 def _fmt(v): return '' if v is None else f'{v:.4f}' if isinstance(v, float) else str(v)
 
 def plot_sweep(sweep_dir, rows: list[dict], out: Path) -> Optional[Path]:
@@ -190,58 +207,53 @@ def plot_sweep(sweep_dir, rows: list[dict], out: Path) -> Optional[Path]:
     b.set_xlim(lo - 0.1 * (hi - lo + 0.1), hi + 0.25 * (hi - lo + 0.1)); b.set_xlabel('best val loss (lower is better)')
     b.tick_params(axis='y', labelsize=7); b.grid(axis='x', alpha=0.3)
     fig.suptitle(f'sweep {Path(sweep_dir).name}: {len(done)} of {len(rows)} runs with a val loss'); fig.tight_layout()
-    fig.savefig(out, dpi=100); plt.close(fig)
+    fig.savefig(out, dpi=100, format='png'); plt.close(fig)
     return out
 
 def write_summary(sweep_dir) -> list[dict]:
     "Write summary.csv, summary.md and summary.png into `sweep_dir`; return the ranked rows."
     root = Path(sweep_dir); rows = sweep_rows(root)
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = root/'summary.csv.tmp'
-    with open(tmp, 'w', newline='') as f:
+    tmp = lambda name: root/f'.{name}.{os.getpid()}.tmp'  # several sweeps (or W&B agents) may write one sweep directory
+    with open(tmp('summary.csv'), 'w', newline='') as f:
         w = csv.DictWriter(f, cols); w.writeheader(); w.writerows(rows)
-    tmp.replace(root/'summary.csv')
-    png = plot_sweep(root, rows, root/'summary.png')
+    tmp('summary.csv').replace(root/'summary.csv')
+    png = plot_sweep(root, rows, tmp('summary.png'))
+    if png: png = png.replace(root/'summary.png')
     md = [f'# Sweep {root.name}', '', f'{len(rows)} runs, ranked by best val loss.', '',
           '| rank | ' + ' | '.join(cols) + ' |', '|' + '---|' * (len(cols) + 1)]
     md += [f'| {i} | ' + ' | '.join(_fmt(r.get(c)) for c in cols) + ' |' for i, r in enumerate(rows, 1)]
     if png: md += ['', '![val loss of each run](summary.png)']
-    (root/'summary.md.tmp').write_text('\n'.join(md) + '\n'); (root/'summary.md.tmp').replace(root/'summary.md')
+    tmp('summary.md').write_text('\n'.join(md) + '\n'); tmp('summary.md').replace(root/'summary.md')
     return rows
 
-# %% ../nbs/09_jobs.ipynb #855591ba
+# %% ../nbs/09_jobs.ipynb #fd40c9a1
 def sweep(config, grid: dict, overrides=(), sweep_dir=None, echo: bool = True) -> tuple[Path, list[dict]]:
     "Run every grid point of `config` as a job in `sweep_dir`, skipping finished runs; return the directory and ranked rows."
     root, runs = sweep_runs(config, grid, overrides, sweep_dir)
     failed = []
-    for i, r in enumerate(runs, 1):
-        r['run_dir'].mkdir(parents=True, exist_ok=True)
-        (r['run_dir']/'sweep_point.json').write_text(json.dumps(r['point']))
-        log.info(f"sweep {root}: run {i}/{len(runs)} {r['name']}")
-        try: train_job(config, r['run_dir'], r['overrides'], echo)
-        except JobFailed as e:
-            log.warning(f"run {r['name']} failed: {e}"); failed.append(r['name'])
-        write_summary(root)
-    rows = write_summary(root)
+    try:
+        for i, r in enumerate(runs, 1):
+            r['run_dir'].mkdir(parents=True, exist_ok=True)
+            (r['run_dir']/'sweep_point.json').write_text(json.dumps(r['point']))
+            log.info(f"sweep {root}: run {i}/{len(runs)} {r['name']}")
+            try: train_job(config, r['run_dir'], r['overrides'], echo)
+            except JobFailed as e:
+                log.warning(f"run {r['name']} failed: {e}"); failed.append(r['name'])
+            write_summary(root)
+    finally: rows = write_summary(root)  # current also when the sweep is interrupted
     if failed: raise JobFailed(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); summary in {root/'summary.md'}")
     return root, rows
 
-# %% ../nbs/09_jobs.ipynb #0e489c2d
-def _scalar(v: str):
-    "A grid value as W&B should see it: a number when it reads as one."
-    for t in (int, float):
-        try: return t(v)
-        except ValueError: pass
-    return v
-
+# %% ../nbs/09_jobs.ipynb #f737e1f2
 def wandb_sweep_config(config, grid: dict, overrides=(), sweep_dir=None) -> dict:
     "A W&B sweep config (method grid, minimise eval/val_loss) whose agent runs are `foundry sweep` runs of one grid point."
     root, _ = sweep_runs(config, grid, overrides, sweep_dir)
     base = load_config(config, list(overrides))
     return dict(name=root.name, project=base.logging.wandb_project, method='grid', metric=dict(name='eval/val_loss', goal='minimize'),
-                parameters={k: dict(values=[_scalar(v) for v in vs]) for k, vs in grid.items()},
+                parameters={k: dict(values=list(vs)) for k, vs in grid.items()},  # as typed: the agent's key=value names the run alike
                 command=['${env}', 'foundry', 'sweep', str(Path(config).resolve()), '${args_no_hyphens}', '--sweep-dir', str(root.resolve()),
-                         *(x for o in overrides for x in ('--set', o))])
+                         *(x for o in [*overrides, 'logging.use_wandb=true'] for x in ('--set', o))])  # the sweep reads eval/val_loss from W&B
 
 # %% ../nbs/09_jobs.ipynb #464c90e9
 def sample_markdown(run_dir, n: int = 2, max_new_tokens: int = 120) -> str:

@@ -122,7 +122,8 @@ def test_sigterm_to_a_job_stops_its_run_at_a_checkpoint_and_the_job_resumes_ther
     step = state['step']
     assert state['status'] == 'interrupted' and 100 <= step < 500, state
     assert (run/'checkpoints'/f'step-{step:08d}'/'COMPLETE').is_file()  # the step it stopped at was checkpointed
-    assert f'interrupted at step {step}' in err and 'SIGTERM received' in outputs_text(run/'train.ipynb')
+    # the kernel got the stop as its interrupt (SIGINT), so the run stopped as `foundry train` does
+    assert f'interrupted at step {step}' in err and f'SIGINT received: finishing step {step}' in outputs_text(run/'train.ipynb')
 
     res = foundry('job', 'train', cfg, '--run-dir', run, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -181,4 +182,10 @@ def test_sweep_2x2_skips_the_finished_run_and_ranks_all_four(tmp_path, cache_dir
     md = (sweep_dir/'summary.md').read_text()
     assert md.index(rows[0]['run']) < md.index(rows[-1]['run']) and '![val loss of each run](summary.png)' in md
     assert (sweep_dir/'summary.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    # the same sweep with a changed --set would mix configs in the finished runs: refused before anything runs
+    before = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob('*') if p.is_file()}
+    changed = foundry('sweep', cfg, '--sweep-dir', sweep_dir, '--grid', 'training.learning_rate=3e-3,1e-4', '--grid', 'model.layers=1,2',
+                      '--set', 'training.warmup_steps=5', cwd=tmp_path)
+    assert changed.returncode == 2 and 'different config' in changed.stderr and len(changed.stderr.strip().splitlines()) == 1, changed.stderr
+    assert {p: p.stat().st_mtime_ns for p in sweep_dir.rglob('*') if p.is_file()} == before
     assert f"\n  1. {rows[0]['run']}: " in res.stdout and f"\n  4. {rows[-1]['run']}: " in res.stdout  # the ranking, printed last
