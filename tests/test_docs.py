@@ -50,7 +50,7 @@ def test_docs_preview_builds_every_page_without_errors(site):
 
 
 @pytest.mark.slow
-def test_docs_pages_render_api_docs_and_plots_in_chromium(site, browser, tmp_path):
+def test_docs_pages_render_api_docs_and_plots_in_chromium(browser, site, tmp_path):  # browser first: a skip costs no build
     page = browser.new_page(viewport={'width': 1280, 'height': 900})
 
     # the home page: the README's content and a sidebar that reaches every section
