@@ -118,13 +118,13 @@ def render(src: Path, section: str, name: str, nav: str, out_root: Path) -> dict
     return dict(name=name, title=title, section=section)
 
 
-def _build_one(nb: Path, work: Path, timeout: int) -> tuple[Path, float]:
+def _build_one(nb: Path, work: Path, timeout: int, threads: int) -> tuple[Path, float]:
     "Execute and process one notebook in its own process (kernels and nbdev's in-process shell stay apart)."
     t, rel = time.time(), nb.relative_to(NBS)
     executed, processed = work/'executed'/rel, work/'processed'/rel
     executed.parent.mkdir(parents=True, exist_ok=True); processed.parent.mkdir(parents=True, exist_ok=True)
     r = subprocess.run([sys.executable, __file__, '--one', str(nb), str(executed), str(processed), '--timeout', str(timeout)],
-                       cwd=REPO, capture_output=True, text=True)
+                       cwd=REPO, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
     if r.returncode: raise RuntimeError(f'{rel} failed:\n{r.stderr[-4000:]}')
     return processed, time.time() - t
 
@@ -151,7 +151,8 @@ def build(out: Path, workers: int = 2, only=(), timeout: int = 900) -> list[dict
     built, failed = [], []
     try:
         with cf.ThreadPoolExecutor(workers) as pool:
-            futs = {pool.submit(_build_one, p, work, timeout): (s, p) for s, p in todo}
+            threads = max(1, (os.cpu_count() or 1) // workers)  # torch in parallel kernels must not oversubscribe the cores
+            futs = {pool.submit(_build_one, p, work, timeout, threads): (s, p) for s, p in todo}
             for f in cf.as_completed(futs):
                 s, p = futs[f]
                 try:
@@ -202,7 +203,7 @@ table { border-collapse: collapse; } th, td { border: 1px solid #ddd; padding: .
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--out', default=str(REPO/'_site'), help='output folder (default: _site)')
-    ap.add_argument('--workers', type=int, default=2)
+    ap.add_argument('--workers', type=int, default=2, help='notebooks executed at once, each with cores/workers torch threads')
     ap.add_argument('--only', action='append', default=[], metavar='REGEX', help='build only matching notebooks (repeatable)')
     ap.add_argument('--timeout', type=int, default=900, help='seconds a cell may run')
     ap.add_argument('--execute-in-place', action='store_true',
