@@ -84,10 +84,11 @@ def lean_gpt2_step(model) -> Optional[Callable]:
         return model.lm_head(t.ln_f(x[:, -1:]))[0, -1]
     return step
 
-# %% ../nbs/06_generation.ipynb #2c6d004a
+# %% ../nbs/06_generation.ipynb #331b5ad9
 def cache_of(res):
     "The KV cache in a model output (`cache` in transformers 5, `past_key_values` before), or None."
-    return res.get('cache', res.get('past_key_values'))
+    fields = getattr(res, '__dataclass_fields__', {})
+    return res.get('cache') if 'cache' in fields else res.get('past_key_values')  # asking for the old name warns
 
 def cache_kwarg(model) -> str:
     "The name under which `model.forward` takes a KV cache."
