@@ -21,32 +21,41 @@ from .jobs import JobFailed, evaluate_job, parse_grid, sweep, train_job, wandb_s
 from .loop import TrainingError
 from .run import RunDir, RunInterrupted, default_run_dir, evaluate_run, load_run, train, upload
 
-# %% ../nbs/08_cli.ipynb #e6fc736a
+# %% ../nbs/08_cli.ipynb #3c103366
 class _Parser(argparse.ArgumentParser):
     "argparse, but a usage error is one line on stderr and exit code 2."
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+def _set_arg(s):
+    "--set KEY=VALUE (repeatable)."
+    s.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                   help='override a config value, e.g. training.learning_rate=3e-4 (repeatable)')
+
+def _train_args(s, func):
+    "The arguments of `foundry train`, shared by `foundry job train`."
+    s.add_argument('config'); _set_arg(s)
+    s.add_argument('--run-dir', help='run directory (default: <logging.dir>/<experiment_name>)')
+    s.set_defaults(func=func)
+
+def _eval_args(s, func):
+    "The arguments of `foundry eval`, shared by `foundry job evaluate`."
+    s.add_argument('run_dir')
+    s.add_argument('--suite', action='append', default=[], metavar='FILE', help='a behavioural suite YAML (repeatable)')
+    s.add_argument('--text', action='append', default=[], metavar='PATH', help='perplexity of a text file, directory or glob (repeatable)')
+    s.set_defaults(func=func)
+
 def build_parser() -> argparse.ArgumentParser:
     "The `foundry` argument parser."
     p = _Parser(prog='foundry', description='Train, evaluate and sample small causal language models.')
     sub = p.add_subparsers(dest='command', required=True, parser_class=_Parser)
-    common = dict(help='override a config value, e.g. training.learning_rate=3e-4 (repeatable)')
 
     s = sub.add_parser('prepare', help='tokenize and pack the corpus of CONFIG (cached)')
-    s.add_argument('config'); s.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', **common)
+    s.add_argument('config'); _set_arg(s)
     s.set_defaults(func=cmd_prepare)
 
-    s = sub.add_parser('train', help='train (or resume) the run of CONFIG')
-    s.add_argument('config'); s.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', **common)
-    s.add_argument('--run-dir', help='run directory (default: <logging.dir>/<experiment_name>)')
-    s.set_defaults(func=cmd_train)
-
-    s = sub.add_parser('eval', help="evaluate a run's model; writes RUN_DIR/report/ (report.json, report.md, plots)")
-    s.add_argument('run_dir')
-    s.add_argument('--suite', action='append', default=[], metavar='FILE', help='a behavioural suite YAML (repeatable)')
-    s.add_argument('--text', action='append', default=[], metavar='PATH', help='perplexity of a text file, directory or glob (repeatable)')
-    s.set_defaults(func=cmd_eval)
+    _train_args(sub.add_parser('train', help='train (or resume) the run of CONFIG'), cmd_train)
+    _eval_args(sub.add_parser('eval', help="evaluate a run's model; writes RUN_DIR/report/ (report.json, report.md, plots)"), cmd_eval)
 
     s = sub.add_parser('upload', help='retry handing the final model of an upload_pending run to W&B')
     s.add_argument('run_dir'); s.set_defaults(func=cmd_upload)
@@ -66,27 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser('job', help='run a papermill job notebook; its executed copy is kept in the run directory')
     jobs = s.add_subparsers(dest='job', required=True, parser_class=_Parser)
-    j = jobs.add_parser('train', help='train (or resume) the run of CONFIG through jobs/train.ipynb; skips a finished run')
-    j.add_argument('config'); j.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', **common)
-    j.add_argument('--run-dir', help='run directory (default: <logging.dir>/<experiment_name>)')
-    j.set_defaults(func=cmd_job_train)
-    j = jobs.add_parser('evaluate', help="evaluate a run through jobs/evaluate.ipynb; writes RUN_DIR/report/")
-    j.add_argument('run_dir')
-    j.add_argument('--suite', action='append', default=[], metavar='FILE', help='a behavioural suite YAML (repeatable)')
-    j.add_argument('--text', action='append', default=[], metavar='PATH', help='perplexity of a text file, directory or glob (repeatable)')
-    j.set_defaults(func=cmd_job_evaluate)
+    _train_args(jobs.add_parser('train', help='train (or resume) the run of CONFIG through jobs/train.ipynb; skips a finished run'), cmd_job_train)
+    _eval_args(jobs.add_parser('evaluate', help="evaluate a run through jobs/evaluate.ipynb; writes RUN_DIR/report/"), cmd_job_evaluate)
 
     s = sub.add_parser('sweep', help='train every point of a grid as a job, skipping finished runs; writes a ranked summary')
     s.add_argument('config')
     s.add_argument('point', nargs='*', metavar='KEY=VALUE', help='a grid axis of one value, right after CONFIG (how W&B agents pass their point)')
     s.add_argument('--grid', action='append', default=[], metavar='KEY=V1,V2,...', help='a grid axis (repeatable)')
-    s.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', **common)
+    _set_arg(s)
     s.add_argument('--sweep-dir', help='where the runs go (default: <logging.dir>/<experiment_name>-sweep)')
     s.add_argument('--wandb-sweep', metavar='FILE', help='write the equivalent W&B sweep config to FILE instead of running')
     s.set_defaults(func=cmd_sweep)
     return p
 
-# %% ../nbs/08_cli.ipynb #9b9046e4
+# %% ../nbs/08_cli.ipynb #61825ab8
 def _config(args):
     "The validated config of `args`; its logging level applies from here on."
     cfg = load_config(args.config, args.set)
@@ -102,17 +104,19 @@ def cmd_prepare(args) -> int:
           f"({m['n_train']:,} train / {m['n_val']:,} val), vocabulary {m['vocab_size']:,} ({m['tokenizer']}), cached in {p.path}")
     return 0
 
+def _loss(v) -> str: return 'n/a' if v is None else f'{v:.4f}'
+
+def _run_line(run_dir, st: dict) -> str:
+    "One line on how a run stands."
+    return (f"run {run_dir}: {st.get('status', 'not started').replace('_', ' ')}; best val loss {_loss(st.get('best_val_loss'))} "
+            f"at step {st.get('best_step')}")
+
 def cmd_train(args) -> int:
     "foundry train: train, resume or skip a completed run."
     cfg = _config(args)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    try: st = train(cfg, run_dir)
-    except RunInterrupted as e:
-        print(f"foundry: {e}", file=sys.stderr)
-        return e.exit_code
-    bvl = st.get('best_val_loss')
-    print(f"run {run_dir}: {st['status'].replace('_', ' ')}; best val loss {'n/a' if bvl is None else f'{bvl:.4f}'} at step "
-          f"{st.get('best_step')}; final model in {RunDir(run_dir).final}")
+    st = train(cfg, run_dir)
+    print(f"{_run_line(run_dir, st)}; final model in {RunDir(run_dir).final}")
     return 0
 
 def cmd_eval(args) -> int:
@@ -148,12 +152,6 @@ def cmd_generate(args) -> int:
     except ValueError as e: raise ConfigError(str(e)) from None
     return 0
 
-def _run_line(run_dir, st: dict) -> str:
-    "One line on how a run stands."
-    bvl = st.get('best_val_loss')
-    return (f"run {run_dir}: {st.get('status', 'not started').replace('_', ' ')}; best val loss "
-            f"{'n/a' if bvl is None else f'{bvl:.4f}'} at step {st.get('best_step')}")
-
 def cmd_job_train(args) -> int:
     "foundry job train: foundry train through the job notebook; the executed copy is RUN_DIR/train.ipynb."
     cfg = _config(args)
@@ -183,13 +181,11 @@ def cmd_sweep(args) -> int:
     except RunInterrupted as e:
         print(f"foundry: sweep stopped: {e}; `foundry sweep` again resumes it", file=sys.stderr)
         return e.exit_code
-    for i, r in enumerate(rows, 1):
-        bvl = r['best_val_loss']
-        print(f"{i:>3}. {r['run']}: {'n/a' if bvl is None else f'{bvl:.4f}'} ({r['status'].replace('_', ' ')})")
+    for i, r in enumerate(rows, 1): print(f"{i:>3}. {r['run']}: {_loss(r['best_val_loss'])} ({r['status'].replace('_', ' ')})")
     print(f"summary: {root/'summary.md'} (and summary.csv, summary.png)")
     return 0
 
-# %% ../nbs/08_cli.ipynb #ef7512f9
+# %% ../nbs/08_cli.ipynb #844a8311
 def main(argv=None) -> int:
     "Run the `foundry` command line; returns the exit code."
     args = build_parser().parse_args(argv)
@@ -198,12 +194,9 @@ def main(argv=None) -> int:
     try: return args.func(args) or 0
     except ConfigError as e: msg = str(e)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e: msg = f"{e.strerror}: {e.filename}"
-    except TrainingError as e:
+    except (TrainingError, JobFailed) as e:
         print(f"foundry: error: {e}", file=sys.stderr)
         return 1
-    except JobFailed as e:
-        print(f"foundry: error: {e}", file=sys.stderr)
-        return e.exit_code
     except RunInterrupted as e:  # a signal: the run (or job) checkpointed and stopped; running it again resumes
         print(f"foundry: {e}", file=sys.stderr)
         return e.exit_code

@@ -7,21 +7,21 @@ __all__ = ['log', 'job_notebook', 'JobLog', 'JobFailed', 'keep_previous', 'Forwa
            'evaluate_job', 'parse_grid', 'expand_grid', 'point_name', 'sweep_runs', 'sweep_rows', 'plot_sweep',
            'write_summary', 'sweep', 'wandb_sweep_config', 'sample_markdown']
 
-# %% ../nbs/09_jobs.ipynb #28646fa8
-import csv, itertools, json, logging, os, re, signal, subprocess, sys, threading, time
+# %% ../nbs/09_jobs.ipynb #f55078e9
+import csv, itertools, json, logging, os, re, signal, sys, threading, time
 from pathlib import Path
 from typing import Optional
 
-import matplotlib
 import matplotlib.pyplot as plt
 import psutil
-import yaml
 
 import model_foundry
-from .config import ConfigError, apply_overrides, load_config, resolve_config
+from .config import ConfigError, apply_overrides, load_config
+from .data import prepare
+from .generation import generate
 from .loop import Callback
 from .reports import read_metrics
-from .run import FINISHED, RunDir, RunInterrupted, check_same_config, default_run_dir
+from .run import FINISHED, RunDir, RunInterrupted, check_recorded_config, default_run_dir, load_run
 
 # %% ../nbs/09_jobs.ipynb #212e42e6
 log = logging.getLogger('model_foundry')
@@ -46,11 +46,11 @@ class JobLog(Callback):
               f'{l.best_step}), {self.tokens / max(self.time, 1e-9):,.0f} tokens/s, {time.time() - self.t0:.0f} s', flush=True)
         self.tokens, self.time = 0, 0.0
 
-# %% ../nbs/09_jobs.ipynb #0b858517
+# %% ../nbs/09_jobs.ipynb #0a8ee168
 class JobFailed(Exception):
     "A job notebook raised `ename` inside its kernel (a bad config raises `ConfigError` and a signal `RunInterrupted` instead)."
     def __init__(self, msg: str, ename: str = ''):
-        super().__init__(msg); self.ename, self.exit_code = ename, 1
+        super().__init__(msg); self.ename = ename
 
 def keep_previous(path: Path) -> Optional[Path]:
     "Rename an existing `path` (NAME.ipynb) to NAME.attempt-N.ipynb, N one more than the last; return the new name."
@@ -78,7 +78,7 @@ class ForwardSignals:
     def __exit__(self, *exc):
         for s, h in self.previous.items(): signal.signal(s, h)
 
-# %% ../nbs/09_jobs.ipynb #ccadda71
+# %% ../nbs/09_jobs.ipynb #af2f82fa
 _INPUT_ERRORS = ('ConfigError', 'FileNotFoundError', 'PermissionError', 'IsADirectoryError', 'NotADirectoryError')
 
 def execute_job(name: str, out: Path, parameters: dict, echo: bool = True) -> Path:
@@ -90,8 +90,8 @@ def execute_job(name: str, out: Path, parameters: dict, echo: bool = True) -> Pa
     out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger('papermill').setLevel(logging.WARNING)
     with ForwardSignals() as fwd:
-        stopped = lambda what: RunInterrupted(f'job {name} {what} on {signal.Signals(fwd.received or signal.SIGINT).name} '
-                                              f'(lab notebook {out})', 128 + (fwd.received or signal.SIGINT))
+        sig = lambda: fwd.received or signal.SIGINT
+        stopped = lambda what: RunInterrupted(f'job {name} {what} on {signal.Signals(sig()).name} (lab notebook {out})', 128 + sig())
         try:
             pm.execute_notebook(str(nb), str(out), parameters=parameters, kernel_name='python3', progress_bar=False,
                                 cwd=os.getcwd(), stdout_file=sys.stdout if echo else None, stderr_file=sys.stderr if echo else None,
@@ -99,7 +99,7 @@ def execute_job(name: str, out: Path, parameters: dict, echo: bool = True) -> Pa
         except PapermillExecutionError as e:
             value = str(e.evalue).splitlines()[0] if e.evalue else ''
             if e.ename in _INPUT_ERRORS: raise ConfigError(value or e.ename) from None  # bad input: one line, exit code 2
-            if e.ename == 'RunInterrupted': raise RunInterrupted(f'{value} (lab notebook {out})', 128 + (fwd.received or signal.SIGINT)) from None
+            if e.ename == 'RunInterrupted': raise RunInterrupted(f'{value} (lab notebook {out})', 128 + sig()) from None
             if e.ename == 'KeyboardInterrupt': raise stopped(f'stopped in cell {e.exec_count}') from None
             raise JobFailed(f'{e.ename}: {value} (job cell {e.exec_count}; lab notebook {out})', e.ename) from None
         except DeadKernelError:
@@ -109,14 +109,14 @@ def execute_job(name: str, out: Path, parameters: dict, echo: bool = True) -> Pa
     if fwd.received: raise stopped('stopped')  # a signal between cells: the job ran on, but it was asked to stop
     return out
 
-# %% ../nbs/09_jobs.ipynb #296ead5a
+# %% ../nbs/09_jobs.ipynb #d5571014
 def train_job(config, run_dir=None, overrides=(), echo: bool = True) -> dict:
     "Run jobs/train.ipynb for `config` (+ `overrides`) in `run_dir`, unless that run is finished; return the run's state."
     cfg = load_config(config, list(overrides))
     run = RunDir(run_dir or default_run_dir(cfg))
     state, nb = run.read_state(), run.root/'train.ipynb'
     if state.get('status') in FINISHED and nb.is_file():
-        check_same_config(run, resolve_config(cfg, state['train_blocks'], state['vocab_size']))  # as `train` does
+        check_recorded_config(run, cfg)  # as `train` does
         log.info(f"run {run.root} is already {state['status'].replace('_', ' ')} (best val loss {state.get('best_val_loss')} "
                  f"at step {state.get('best_step')}); lab notebook {nb}")
         return state
@@ -158,7 +158,7 @@ def point_name(point: dict) -> str:
     keys = short if len(set(short)) == len(short) else list(point)
     return '_'.join(f'{k}={re.sub(r"[^A-Za-z0-9.-]", "-", str(v))}' for k, v in zip(keys, point.values()))
 
-# %% ../nbs/09_jobs.ipynb #35612914
+# %% ../nbs/09_jobs.ipynb #01508016
 def sweep_runs(config, grid: dict, overrides=(), sweep_dir=None) -> tuple[Path, list[dict]]:
     "The sweep directory and, per grid point, its run: name, point, overrides and run directory; all configs validated."
     base = load_config(config, list(overrides))
@@ -170,8 +170,7 @@ def sweep_runs(config, grid: dict, overrides=(), sweep_dir=None) -> tuple[Path, 
         cfg = load_config(config, ov)
         if any(r['name'] == name for r in runs): raise ConfigError(f"grid points {runs[[r['name'] for r in runs].index(name)]['point']} "
                                                                    f"and {point} would share the run name {name!r}")
-        st = RunDir(root/name).read_state()
-        if st.get('train_blocks'): check_same_config(RunDir(root/name), resolve_config(cfg, st['train_blocks'], st['vocab_size']))
+        check_recorded_config(RunDir(root/name), cfg)
         runs.append(dict(name=name, point=point, overrides=ov, run_dir=root/name))
     return root, runs
 
@@ -227,7 +226,7 @@ def write_summary(sweep_dir) -> list[dict]:
     tmp('summary.md').write_text('\n'.join(md) + '\n'); tmp('summary.md').replace(root/'summary.md')
     return rows
 
-# %% ../nbs/09_jobs.ipynb #fd40c9a1
+# %% ../nbs/09_jobs.ipynb #54d979f6
 def sweep(config, grid: dict, overrides=(), sweep_dir=None, echo: bool = True) -> tuple[Path, list[dict]]:
     "Run every grid point of `config` as a job in `sweep_dir`, skipping finished runs; return the directory and ranked rows."
     root, runs = sweep_runs(config, grid, overrides, sweep_dir)
@@ -240,7 +239,7 @@ def sweep(config, grid: dict, overrides=(), sweep_dir=None, echo: bool = True) -
             try: train_job(config, r['run_dir'], r['overrides'], echo)
             except JobFailed as e:
                 log.warning(f"run {r['name']} failed: {e}"); failed.append(r['name'])
-            write_summary(root)
+            if i < len(runs): write_summary(root)
     finally: rows = write_summary(root)  # current also when the sweep is interrupted
     if failed: raise JobFailed(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); summary in {root/'summary.md'}")
     return root, rows
@@ -255,12 +254,9 @@ def wandb_sweep_config(config, grid: dict, overrides=(), sweep_dir=None) -> dict
                 command=['${env}', 'foundry', 'sweep', str(Path(config).resolve()), '${args_no_hyphens}', '--sweep-dir', str(root.resolve()),
                          *(x for o in [*overrides, 'logging.use_wandb=true'] for x in ('--set', o))])  # the sweep reads eval/val_loss from W&B
 
-# %% ../nbs/09_jobs.ipynb #464c90e9
+# %% ../nbs/09_jobs.ipynb #299a49b0
 def sample_markdown(run_dir, n: int = 2, max_new_tokens: int = 120) -> str:
     "Markdown with `n` sampled continuations (temperature 0.8, top-k 50, seeds 0..n-1) from the run's model."
-    from model_foundry.data import prepare
-    from model_foundry.generation import generate
-    from model_foundry.run import load_run
     run = RunDir(run_dir); cfg = load_config(run.config)
     model, tok = load_run(run.root)
     prompt = cfg.logging.sample_prompts[0] if cfg.logging.sample_prompts else \

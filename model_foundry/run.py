@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['log', 'PACKAGES', 'FINISHED', 'RunDir', 'default_run_dir', 'environment_snapshot', 'seed_everything',
-           'check_same_config', 'build_learner', 'resume_learner', 'export_final', 'RunInterrupted', 'train', 'upload',
-           'load_run', 'evaluate_run']
+           'check_recorded_config', 'build_learner', 'resume_learner', 'export_final', 'RunInterrupted', 'train',
+           'upload', 'load_run', 'evaluate_run']
 
 # %% ../nbs/07_run.ipynb #0ccd8e01
 import json, logging, math, os, platform, random, shutil, subprocess, sys, time
@@ -101,14 +101,19 @@ def seed_everything(seed: int):
     "Seed python, numpy and torch (all devices)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-# %% ../nbs/07_run.ipynb #a37975a1
-def check_same_config(run: RunDir, resolved: ExperimentConfig):
+# %% ../nbs/07_run.ipynb #6f15610e
+def _check_same_config(run: RunDir, resolved: ExperimentConfig):
     "Refuse to continue a run directory that was started with a different config."
     if not run.config.is_file(): return
     old = config_hash(load_config(run.config))
     if old != config_hash(resolved):
         raise ConfigError(f"run directory {run.root} was started with a different config (hash {old}, now {config_hash(resolved)}); "
                           f"use another --run-dir or delete that directory")
+
+def check_recorded_config(run: RunDir, cfg: ExperimentConfig):
+    "`_check_same_config` for `cfg` resolved with the data sizes the run recorded (no data needed); a new run passes."
+    st = run.read_state()
+    if st.get('train_blocks'): _check_same_config(run, resolve_config(cfg, st['train_blocks'], st['vocab_size']))
 
 def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, progress: bool = True, callbacks=(),
                   extra_state: Optional[dict] = None) -> Learner:
@@ -182,7 +187,7 @@ def export_final(run: RunDir, learn: Learner, tokenizer) -> Path:
     tmp.rename(run.final)
     return run.final
 
-# %% ../nbs/07_run.ipynb #bbd1c124
+# %% ../nbs/07_run.ipynb #cadb6419
 class RunInterrupted(Exception):
     "The run stopped on a signal after checkpointing; `exit_code` is 128 + the signal number."
     def __init__(self, msg: str, exit_code: int):
@@ -220,7 +225,7 @@ def train(cfg: ExperimentConfig, run_dir=None, progress: bool = True, callbacks=
     run = RunDir(run_dir or default_run_dir(cfg))
     state = run.read_state()
     if state.get('status') in FINISHED:
-        check_same_config(run, resolve_config(cfg, state['train_blocks'], state['vocab_size']))
+        check_recorded_config(run, cfg)
         hint = '; `foundry upload` retries the model upload' if state['status'] == 'upload_pending' else ''
         log.info(f"run {run.root} is already {state['status'].replace('_', ' ')} (best val loss {state.get('best_val_loss')} "
                  f"at step {state.get('best_step')}); nothing to train{hint}")
@@ -229,7 +234,7 @@ def train(cfg: ExperimentConfig, run_dir=None, progress: bool = True, callbacks=
     train_blocks = len(TokenBlocks(prepared.train, cfg.data.max_sequence_length))
     TokenBlocks(prepared.val, cfg.data.max_sequence_length, shuffle=False)  # fail early if the val split is too small
     resolved = resolve_config(cfg, train_blocks, prepared.vocab_size)
-    check_same_config(run, resolved)
+    _check_same_config(run, resolved)
     env = environment_snapshot(resolve_device(resolved.training.device))
     run.root.mkdir(parents=True, exist_ok=True)
     save_config(resolved, run.config)

@@ -52,24 +52,32 @@ def kill_tree(proc: subprocess.Popen):
     proc.wait(timeout=30)
 
 
+def start(args, cwd) -> subprocess.Popen:
+    "Start a command with this session's thread count, output captured."
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))
+    return subprocess.Popen(list(map(str, args)), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_checkpoint(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120):
+    "Wait until checkpoint `step` of `run` is complete, failing if `proc` ends first."
+    done, t0 = run/'checkpoints'/f'step-{step:08d}'/'COMPLETE', time.time()
+    while not done.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() - t0 < timeout, f'no step-{step} checkpoint within {timeout} s'
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
 def test_papermill_job_resumes_after_kill_then_skips_when_complete(tmp_path, cache_dir, shakespeare):
     cfg = tmp_path/'tiny.yaml'
     cfg.write_text(TINY.format(corpus=shakespeare, steps=600))
     run = tmp_path/'run'
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))
 
     # 1. papermill itself runs the job notebook, as the README shows; killed (SIGKILL, kernel included)
     #    once the step-100 checkpoint is complete
     run.mkdir()  # papermill writes only into an existing folder
-    t0 = time.time()
-    proc = subprocess.Popen([str(PAPERMILL), str(REPO/'jobs'/'train.ipynb'), str(run/'train.ipynb'), '-p', 'config', str(cfg),
-                             '-p', 'run_dir', str(run)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    first = run/'checkpoints'/'step-00000100'
-    while not (first/'COMPLETE').exists():
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.time() - t0 < 120, 'no checkpoint within 120 s'
-        time.sleep(0.02)
+    proc = start([PAPERMILL, REPO/'jobs'/'train.ipynb', run/'train.ipynb', '-p', 'config', cfg, '-p', 'run_dir', run], tmp_path)
+    wait_for_checkpoint(run, 100, proc)
     kill_tree(proc)
     state = json.loads((run/'state.json').read_text())
     assert state['status'] == 'running', state  # a crash: nobody got to write another status
@@ -108,22 +116,17 @@ def test_sigterm_to_a_job_stops_its_run_at_a_checkpoint_and_the_job_resumes_ther
     cfg = tmp_path/'tiny.yaml'
     cfg.write_text(TINY.format(corpus=shakespeare, steps=500))
     run = tmp_path/'run'
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))
-    proc = subprocess.Popen([str(FOUNDRY),
-                             'job', 'train', str(cfg), '--run-dir', str(run)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not (run/'checkpoints'/'step-00000100'/'COMPLETE').exists():
-        assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
-        time.sleep(0.02)
+    proc = start([FOUNDRY, 'job', 'train', cfg, '--run-dir', run], tmp_path)
+    wait_for_checkpoint(run, 100, proc)
     proc.send_signal(signal.SIGTERM)  # to the foundry process only, as a scheduler does: the kernel is in its own group
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err[-3000:]
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out[-3000:]
     state = json.loads((run/'state.json').read_text())
     step = state['step']
     assert state['status'] == 'interrupted' and 100 <= step < 500, state
     assert (run/'checkpoints'/f'step-{step:08d}'/'COMPLETE').is_file()  # the step it stopped at was checkpointed
     # the kernel got the stop as its interrupt (SIGINT), so the run stopped as `foundry train` does
-    assert f'interrupted at step {step}' in err and f'SIGINT received: finishing step {step}' in outputs_text(run/'train.ipynb')
+    assert f'interrupted at step {step}' in out and f'SIGINT received: finishing step {step}' in outputs_text(run/'train.ipynb')
 
     res = foundry('job', 'train', cfg, '--run-dir', run, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

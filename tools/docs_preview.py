@@ -29,6 +29,11 @@ def pages() -> list[tuple[str, Path]]:
     return out
 
 
+def selected(only=()) -> list[tuple[str, Path]]:
+    "The pages whose notebook path (relative to nbs/) matches one of the regexes `only`; all pages when none."
+    return [(s, p) for s, p in pages() if not only or any(re.search(o, str(p.relative_to(NBS))) for o in only)]
+
+
 def page_name(nb: Path) -> str:
     "The page's path in the site: numbered prefixes dropped, as nbdev's site names them (00_config -> config.html)."
     rel = nb.relative_to(NBS)
@@ -138,7 +143,7 @@ def _title_of(nb: Path) -> str:
 
 def build(out: Path, workers: int = 2, only=(), timeout: int = 900) -> list[dict]:
     "Build the site into `out`; returns one record per page."
-    todo = [(s, p) for s, p in pages() if not only or any(re.search(o, str(p.relative_to(NBS))) for o in only)]
+    todo = selected(only)
     links, current = [], None
     for s, p in pages():
         if s != current and s != 'home': links.append(f'<h3>{html.escape(s)}</h3>')
@@ -216,7 +221,7 @@ def main(argv=None) -> int:
         return 0
     t = time.time()
     if a.execute_in_place:
-        todo = [p for _, p in pages() if not a.only or any(re.search(o, str(p.relative_to(NBS))) for o in a.only)]
+        todo = [p for _, p in selected(a.only)]
         with cf.ThreadPoolExecutor(a.workers) as pool: list(pool.map(lambda p: execute(p, p, a.timeout), todo))
         print(f'{len(todo)} notebooks executed in place in {time.time() - t:.0f} s')
         return 0
