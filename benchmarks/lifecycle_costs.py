@@ -15,7 +15,7 @@ from model_foundry.config import load_config
 from model_foundry.data import TokenBlocks, prepare
 from model_foundry.config import resolve_config
 from model_foundry.run import RunDir, build_learner, train
-from model_foundry.loop import restore_learner
+from model_foundry.loop import restore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,7 @@ def main(argv=None):
     loop.save_checkpoint = timed_save
     steps = []
     class StepTimes(loop.Callback):
-        def after_step(self): steps.append(self.learn.step_time)
+        def after_step(self): steps.append(self.learn.state.step_time)
     cfg = load_config(REPO/'configs'/'shakespeare-char.yaml', [f'data.source_corpus={a.corpus}', 'training.train_steps=1000',
                                                                'training.log_spaced_checkpoints=0'])
     t0 = time.perf_counter()
@@ -55,8 +55,8 @@ def main(argv=None):
     for _ in range(a.repeats):
         for step, run in ((10, 'run10'), (1000, 'run1000')):
             ck = tmp/run/'checkpoints'/checkpoint_name(step)
-            t = time.perf_counter(); restore_learner(learn, ck); times[step].append(time.perf_counter() - t)
-            assert learn.step == step
+            t = time.perf_counter(); restore(learn, ck); times[step].append(time.perf_counter() - t)
+            assert learn.state.step == step
     m10, m1000 = statistics.median(times[10]), statistics.median(times[1000])
     print(f'restore from step 10: {m10*1000:.1f} ms, from step 1000: {m1000*1000:.1f} ms (median of {a.repeats}); ratio {m1000/m10:.2f}')
     # the first batch after resume is read by index, whatever the step

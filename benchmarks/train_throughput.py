@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from model_foundry.config import load_config, resolve_config
 from model_foundry.data import DataLoaders, TokenBlocks, prepare
-from model_foundry.loop import EvalCallback, Learner, MetricsLogger, ProgressBar, make_optimizer, make_scheduler
+from model_foundry.loop import Learner, one_step, MetricsLogger, ProgressBar, make_optimizer, make_scheduler
 from model_foundry.model import build_model, count_parameters
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ def main(argv=None):
     s1, s2 = make_scheduler(o1, t), make_scheduler(o2, t)
     tmp = Path(tempfile.mkdtemp())
     learn = Learner(m1, dls, o1, s1, train_steps=t.train_steps, max_grad_norm=t.max_grad_norm,
-                    cbs=[EvalCallback(10**9), MetricsLogger(tmp/'metrics.jsonl', t.log_interval), ProgressBar(disable=True)])
+                    cbs=[MetricsLogger(tmp/'metrics.jsonl', t.log_interval), ProgressBar(disable=True)])
 
     learn('before_fit')  # fit() runs in rounds here, so fire its opening event once by hand
     ours, plain = [], []
@@ -87,7 +87,7 @@ def main(argv=None):
     for r in range(a.rounds + 1):
         times = []
         for _ in range(a.steps):  # each step timed from outside, callbacks included
-            t0 = time.perf_counter(); learn.one_step(); times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); one_step(learn); times.append(time.perf_counter() - t0)
         pl = plain_steps(m2, o2, s2, dls.train, r * a.steps * bs, a.steps, bs, t.max_grad_norm)
         if r == 0: continue  # warm-up round
         ours.append(statistics.median(times[warm:])); plain.append(statistics.median(pl[warm:]))

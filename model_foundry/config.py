@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'ConfigError', 'Section', 'DataConfig', 'TokenizerConfig', 'ModelConfig', 'TrainingConfig',
            'LoggingConfig', 'ExperimentConfig', 'format_validation_error', 'validate_config', 'parse_override',
-           'apply_overrides', 'read_yaml', 'load_config', 'resolve_config', 'config_hash', 'save_config']
+           'apply_overrides', 'read_yaml', 'load_config', 'resolve_config', 'config_hash', 'replacing', 'write_atomic',
+           'save_config']
 
 # %% ../nbs/00_config.ipynb #9eb6eae4
-import hashlib, json, math
+import contextlib, errno, hashlib, json, math, os, shutil
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -54,24 +55,40 @@ class ModelConfig(Section):
     "The transformer's shape. GPT-2 is the default architecture; Llama-style is the second."
     architecture: Literal['gpt2', 'llama'] = 'gpt2'
     layers: int = Field(4, gt=0)
-    embedding_size: int = Field(256, gt=0)
-    hidden_size: Optional[int] = Field(None, gt=0)               # defaults to embedding_size
-    intermediate_hidden_size: Optional[int] = Field(None, gt=0)  # defaults to 4 x hidden_size
+    embedding_size: int = Field(256, gt=0)                       # the width of every layer
+    intermediate_hidden_size: Optional[int] = Field(None, gt=0)  # MLP width; default 4 x embedding_size
     attention_heads: int = Field(4, gt=0)
-    activation_function: Optional[Literal[ACTIVATIONS]] = None   # gpt2: gelu, llama: silu
+    activation_function: Optional[Literal[ACTIVATIONS]] = None   # default: gelu for gpt2, silu for llama
     dropout: float = Field(0.0, ge=0, lt=1)
     attention_dropout: float = Field(0.0, ge=0, lt=1)
     tie_word_embeddings: bool = True
 
+    @model_validator(mode='before')
+    @classmethod
+    def _drop_hidden_size(cls, d):
+        "Configs of earlier versions carry `hidden_size`, which could only equal `embedding_size`."
+        if isinstance(d, dict) and 'hidden_size' in d:
+            d = dict(d); h = d.pop('hidden_size')
+            if h is not None and h != d.get('embedding_size', 256):
+                raise ValueError(f"model.hidden_size ({h}) must equal model.embedding_size ({d.get('embedding_size', 256)}); "
+                                 "hidden_size is no longer a setting: drop it")
+        return d
+
     @model_validator(mode='after')
-    def _consistent_shape(self):
-        h = self.hidden_size or self.embedding_size
-        if h != self.embedding_size:
-            raise ValueError(f"model.hidden_size ({h}) must equal model.embedding_size ({self.embedding_size}) "
-                             f"for the {self.architecture} architecture")
-        if h % self.attention_heads:
-            raise ValueError(f"model.embedding_size ({h}) must be divisible by model.attention_heads ({self.attention_heads})")
+    def _heads_divide_width(self):
+        if self.embedding_size % self.attention_heads:
+            raise ValueError(f"model.embedding_size ({self.embedding_size}) must be divisible by model.attention_heads ({self.attention_heads})")
         return self
+
+    @property
+    def inner_size(self) -> int:
+        "The MLP width: `intermediate_hidden_size`, else 4 x `embedding_size`."
+        return self.intermediate_hidden_size or 4 * self.embedding_size
+
+    @property
+    def activation(self) -> str:
+        "The activation: `activation_function`, else the architecture's own (gelu for gpt2, silu for llama)."
+        return self.activation_function or ('silu' if self.architecture == 'llama' else 'gelu')
 
 # %% ../nbs/00_config.ipynb #e69c51ed
 class TrainingConfig(Section):
@@ -103,6 +120,11 @@ class TrainingConfig(Section):
     behavioral_suite: Optional[str] = None              # a suite YAML (e.g. suites/python.yaml) run at each evaluation
     device: str = Field('auto', pattern=r'^(auto|cpu|mps|cuda(:\d+)?)$')
     precision: Literal['auto', 'fp32', 'bf16', 'fp16'] = 'auto'  # auto: fp32 on CPU, bf16 on CUDA
+
+    @property
+    def min_lr(self) -> float:
+        "The learning rate at the end of the schedule: `min_learning_rate`, else a tenth of the peak."
+        return self.learning_rate / 10 if self.min_learning_rate is None else self.min_learning_rate
 
 # %% ../nbs/00_config.ipynb #5f049df7
 class LoggingConfig(Section):
@@ -210,12 +232,10 @@ def resolve_config(cfg: ExperimentConfig, train_blocks: int, vocab_size: int) ->
         t.train_steps = max(1, math.ceil((t.epochs or 1.0) * train_blocks / per_step))
     if t.warmup_steps is None: t.warmup_steps = int(round(t.warmup_ratio * t.train_steps))
     if t.warmup_steps >= t.train_steps: t.warmup_steps = max(0, t.train_steps - 1)
-    if t.min_learning_rate is None: t.min_learning_rate = t.learning_rate / 10
+    t.min_learning_rate = t.min_lr
     if t.checkpoint_interval is None: t.checkpoint_interval = t.eval_interval
     m = c.model
-    if m.hidden_size is None: m.hidden_size = m.embedding_size
-    if m.intermediate_hidden_size is None: m.intermediate_hidden_size = 4 * m.hidden_size
-    if m.activation_function is None: m.activation_function = 'silu' if m.architecture == 'llama' else 'gelu'
+    m.intermediate_hidden_size, m.activation_function = m.inner_size, m.activation
     c.tokenizer.vocab_size = vocab_size
     return c
 
@@ -226,12 +246,57 @@ def config_hash(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../nbs/00_config.ipynb #b35f480d
+def _remove(p: Path):
+    "Remove a file or directory tree if it exists."
+    if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
+    elif p.exists() or p.is_symlink(): p.unlink()
+
+def _fsync(p: Path):
+    "Flush a file or directory (its entries) to disk, where the OS allows it."
+    try:
+        fd = os.open(p, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+    except OSError: pass
+
+def _disk_full(e: BaseException, path: Path) -> Optional[OSError]:
+    "An OSError(ENOSPC) naming `path` when `e` (a library's own error type) came from a full disk, else None."
+    text = str(e)
+    try: free = shutil.disk_usage(path.parent).free
+    except OSError: free = None
+    if 'No space left' in text or 'os error 28' in text or (free is not None and free < 1 << 20):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
+
+@contextlib.contextmanager
+def replacing(path, durable: bool = False):
+    "Yield a temporary path beside `path`; fill it (file or directory), and on success it replaces `path`."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.tmp-{path.name}-{os.getpid()}')
+    _remove(tmp)
+    try:
+        yield tmp
+        if durable:
+            for f in ([*tmp.rglob('*'), tmp] if tmp.is_dir() else [tmp]): _fsync(f)
+        if tmp.is_dir() and path.exists():  # a directory cannot be renamed over a full one: move the old one aside first
+            old = path.with_name(f'.old-{path.name}-{os.getpid()}')
+            _remove(old); path.rename(old); tmp.rename(path); _remove(old)
+        else: tmp.replace(path)
+        if durable: _fsync(path.parent)
+    except BaseException as e:
+        if isinstance(e, OSError): full = OSError(e.errno, e.strerror, str(path)) if e.errno == errno.ENOSPC else None
+        else: full = None if isinstance(e, KeyboardInterrupt) else _disk_full(e, path)  # torch.save says "unexpected pos"
+        _remove(tmp)
+        if full is not None: raise full from e  # named by what was being written, not by its temporary
+        raise
+
+def write_atomic(path, text: str) -> Path:
+    "Write `text` to `path` through `replacing`: readers see the old content or the new, never a part."
+    with replacing(path) as tmp: tmp.write_text(text)
+    return Path(path)
+
+# %% ../nbs/00_config.ipynb #752d259d
 def save_config(cfg: ExperimentConfig, path) -> Path:
     "Write `cfg` as YAML with its hash in the header; `load_config` reads it back."
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     body = yaml.safe_dump(cfg.model_dump(mode='json'), sort_keys=False)
-    tmp = p.with_name(p.name + '.tmp')
-    tmp.write_text(f"# model_foundry resolved config\n# config_hash: {config_hash(cfg)}\n{body}")
-    tmp.replace(p)
-    return p
+    return write_atomic(path, f"# model_foundry resolved config\n# config_hash: {config_hash(cfg)}\n{body}")

@@ -18,19 +18,18 @@ from .config import ConfigError, ModelConfig
 # %% ../nbs/02_model.ipynb #dacb3f4e
 def model_config_for(cfg: ModelConfig, vocab_size: int, context_length: int, eos_token_id: int | None = None):
     "The `transformers` config for `cfg` with the given vocabulary and context length."
-    h = cfg.hidden_size or cfg.embedding_size
-    inner = cfg.intermediate_hidden_size or 4 * h
+    h, inner = cfg.embedding_size, cfg.inner_size
     # no pad_token_id: training blocks contain EOS between documents, and transformers warns about
     # padding whenever the pad id appears in unmasked inputs; batched generation passes masks itself
     common = dict(vocab_size=vocab_size, tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation='sdpa',
                   bos_token_id=eos_token_id, eos_token_id=eos_token_id)
     if cfg.architecture == 'gpt2':
         return GPT2Config(n_positions=context_length, n_embd=h, n_layer=cfg.layers, n_head=cfg.attention_heads,
-                          n_inner=inner, activation_function=cfg.activation_function or 'gelu',
+                          n_inner=inner, activation_function=cfg.activation,
                           resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.attention_dropout, **common)
     return LlamaConfig(max_position_embeddings=context_length, hidden_size=h, num_hidden_layers=cfg.layers,
                        num_attention_heads=cfg.attention_heads, num_key_value_heads=cfg.attention_heads,
-                       intermediate_size=inner, hidden_act=cfg.activation_function or 'silu',
+                       intermediate_size=inner, hidden_act=cfg.activation,
                        attention_dropout=cfg.attention_dropout, rms_norm_eps=1e-5, **common)
 
 # %% ../nbs/02_model.ipynb #708fe21a

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FOUNDRY, DegradeAfter, InterruptAt, foundry
+from conftest import FOUNDRY, foundry
 from model_foundry.checkpointing import list_checkpoints, read_trainer_state
 from model_foundry.config import load_config
+from model_foundry.fixtures import DegradeAfter, InjectNaN, StopAfter
 from model_foundry.loop import Callback, TrainingError
 from model_foundry.run import train
 
@@ -161,7 +162,7 @@ def test_sigterm_writes_checkpoint_and_resume_continues(tmp_path, cache_dir, sha
     state = json.loads((run/'state.json').read_text())
     assert state['status'] == 'interrupted'
     (ck,) = list_checkpoints(run/'checkpoints')  # no scheduled checkpoint yet: this one was written on the signal
-    stopped = read_trainer_state(ck)['step']
+    stopped = read_trainer_state(ck).step
     assert stopped == state['step'] == records(run, 'train')[-1]['step'] < 400
 
     res = foundry('train', cfg, '--run-dir', run)
@@ -245,22 +246,12 @@ def test_retention_keeps_best_and_last_n(tmp_path, cache_dir, shakespeare):
     assert_same_weights(tmp_path/'run'/'final', tmp_path/'run'/'checkpoints'/'step-00000020')
 
 
-class InjectNaN(Callback):
-    "Test-only fault: poison the gradients at the given steps (a real NaN cannot be produced on demand)."
-    order = 0
-    def __init__(self, steps): self.steps = set(steps)
-    def after_backward(self):
-        if self.learn.step + 1 in self.steps:
-            self.steps.discard(self.learn.step + 1)
-            next(self.learn.model.parameters()).grad.fill_(float('nan'))
-
-
 class Snapshot(Callback):
     "Keep a copy of the weights after each step."
     order = 70
     def __init__(self): self.after = {}
     def after_step(self):
-        self.after[self.learn.step] = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
+        self.after[self.learn.state.step] = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
 
 
 @pytest.mark.slow
@@ -274,7 +265,7 @@ def test_nan_loss_step_is_skipped_and_counted(tmp_path, cache_dir, shakespeare):
     assert all(torch.equal(snap.after[6][k], snap.after[7][k]) for k in snap.after[6])  # no update at step 7
     assert not all(torch.equal(snap.after[7][k], snap.after[8][k]) for k in snap.after[7])  # training went on
     assert all(torch.isfinite(v).all() for v in snap.after[20].values())
-    assert read_trainer_state(tmp_path/'run'/'checkpoints'/'step-00000020')['callbacks']['NonFiniteGuard']['total'] == 1
+    assert read_trainer_state(tmp_path/'run'/'checkpoints'/'step-00000020').callbacks['NonFiniteGuard']['total'] == 1
 
     # K in a row with action 'stop': a clear failure, checkpoints kept, state failed
     stop = load_config(write_config(tmp_path, shakespeare, name='stop.yaml', steps=20, eval_every=10, ckpt_every=5,
@@ -303,7 +294,7 @@ def test_out_of_memory_retries_with_half_micro_batch_and_same_effective_batch(tm
     state = train(cfg, tmp_path/'run', progress=False, callbacks=[OOMOnce()])
     assert state['status'] == 'completed'
     st = read_trainer_state(tmp_path/'run'/'checkpoints'/'step-00000010')
-    assert st['samples_seen'] == 10 * 8  # the same samples per step: 8 = 2 micro-batches of 4
+    assert st.samples_seen == 10 * 8  # the same samples per step: 8 = 2 micro-batches of 4
     ref = load_config(write_config(tmp_path, shakespeare, name='ref.yaml', steps=10, eval_every=10, ckpt_every=10, dropout=0.0))
     train(ref, tmp_path/'ref', progress=False)
     a = {r['step']: r['loss'] for r in records(tmp_path/'run', 'train')}
@@ -330,7 +321,7 @@ def test_out_of_memory_on_cpu_is_one_clear_error_and_the_run_is_marked_failed(tm
 def test_metrics_line_torn_by_a_crash_is_dropped_on_resume(tmp_path, cache_dir, shakespeare):
     from model_foundry.run import RunInterrupted
     cfg = load_config(write_config(tmp_path, shakespeare, steps=30, eval_every=10, ckpt_every=10))
-    with pytest.raises(RunInterrupted): train(cfg, tmp_path/'run', progress=False, callbacks=[InterruptAt(20)])
+    with pytest.raises(RunInterrupted): train(cfg, tmp_path/'run', progress=False, callbacks=[StopAfter(20)])
     with open(tmp_path/'run'/'metrics.jsonl', 'a') as f: f.write('{"type": "train", "step": 21, "lo')  # a write cut by SIGKILL
     assert train(cfg, tmp_path/'run', progress=False)['status'] == 'completed'
     lines = (tmp_path/'run'/'metrics.jsonl').read_text().splitlines()
@@ -343,7 +334,7 @@ class CrashAfterEvaluation(Callback):
     order = 31  # after CheckpointCallback
     def __init__(self, n): self.n = n
     def after_eval(self):
-        if self.learn.step == self.n: raise KeyboardInterrupt('crash after evaluation (injected)')
+        if self.learn.state.step == self.n: raise KeyboardInterrupt('crash after evaluation (injected)')
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from model_foundry.config import ExperimentConfig
 from model_foundry.run import RunInterrupted, train
 from model_foundry.tracking import UploadFailed
 
-from conftest import DegradeAfter, InterruptAt
+from model_foundry.fixtures import DegradeAfter, StopAfter
 
 SECRET = 'local-test-key-0123456789abcdef0123456789abcdef01234567'
 
@@ -130,7 +130,7 @@ def test_upload_timeout_keeps_checkpoints_and_marks_run_pending(tmp_path, wandb_
 @pytest.mark.slow
 def test_resumed_run_continues_same_wandb_run(tmp_path, wandb_env, shakespeare):
     run, cfg = tmp_path/'run', tiny_cfg(shakespeare, keep_local=True)
-    with pytest.raises(RunInterrupted): train(cfg, run, progress=False, callbacks=[InterruptAt(15)])
+    with pytest.raises(RunInterrupted): train(cfg, run, progress=False, callbacks=[StopAfter(15)])
     first = json.loads((run/'state.json').read_text())
     run_id = first['tracker_run_id']
     time.sleep(1.1)  # wandb names offline sessions by the second they start; a real resume comes later than this one
@@ -141,7 +141,7 @@ def test_resumed_run_continues_same_wandb_run(tmp_path, wandb_env, shakespeare):
     assert len(list((wandb_env/'wandb').glob(f'offline-run-*-{run_id}'))) == 2
     # checkpoints carry the tracker run id
     from model_foundry.checkpointing import read_trainer_state
-    assert read_trainer_state(run/'checkpoints'/'step-00000040')['tracker_run_id'] == run_id
+    assert read_trainer_state(run/'checkpoints'/'step-00000040').tracker_run_id == run_id
 
 
 @pytest.mark.slow
@@ -192,7 +192,7 @@ def test_wandb_agent_run_id_names_a_new_run_but_not_a_resumed_one(tmp_path, wand
     # a W&B sweep agent starts its command with WANDB_RUN_ID set: the run must log to that W&B run
     monkeypatch.setenv('WANDB_RUN_ID', 'agentrun1')
     run = tmp_path/'run'
-    with pytest.raises(RunInterrupted): train(tiny_cfg(shakespeare, steps=20), run, progress=False, callbacks=[InterruptAt(10)])
+    with pytest.raises(RunInterrupted): train(tiny_cfg(shakespeare, steps=20), run, progress=False, callbacks=[StopAfter(10)])
     assert json.loads((run/'state.json').read_text())['tracker_run_id'] == 'agentrun1'
     assert list((wandb_env/'wandb').glob('offline-run-*-agentrun1'))
     # resumed later from another environment, the run keeps its own id

@@ -25,8 +25,17 @@ def pages() -> list[tuple[str, Path]]:
     out = [('home', NBS/'index.ipynb')]
     out += [('Tutorials', p) for p in sorted((NBS/'tutorials').glob('*.ipynb'))]
     out += [('Explanations', p) for p in sorted((NBS/'explanations').glob('*.ipynb'))]
-    out += [('API reference', p) for p in sorted(NBS.glob('[0-9]*.ipynb'))]
+    out += [('API reference', p) for p in sorted(NBS.glob('[0-9]*.ipynb'), key=lambda p: (_order_of(p), p.name))]
     return out
+
+
+def _order_of(nb: Path) -> float:
+    "The page's place in the sidebar: the `- order: N` line of its title cell (nbdev frontmatter, as Quarto reads it)."
+    for c in nbformat.read(nb, as_version=4).cells:
+        if c.cell_type == 'markdown':
+            m = re.search(r'^-\s+order:\s*([\d.]+)\s*$', c.source, re.M)
+            return float(m.group(1)) if m else float('inf')
+    return float('inf')
 
 
 def selected(only=()) -> list[tuple[str, Path]]:
