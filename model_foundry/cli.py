@@ -14,12 +14,13 @@ import yaml
 
 from transformers.utils import logging as hf_logging
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, log
 from .data import prepare
 from .generation import generate
 from .jobs import JobFailed, evaluate_job, parse_grid, sweep, train_job, wandb_sweep_config
 from .loop import TrainingError
-from .run import RunDir, RunInterrupted, default_run_dir, evaluate_run, load_run, train, upload
+from .results import evaluate_run, load_run, upload
+from .run import RunDir, RunInterrupted, default_run_dir, train
 
 # %% ../nbs/14_cli.ipynb #3c103366
 class _Parser(argparse.ArgumentParser):
@@ -92,13 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args):
     "The validated config of `args`; its logging level applies from here on."
     cfg = load_config(args.config, args.set)
-    logging.getLogger('model_foundry').setLevel(cfg.logging.level)
+    log.setLevel(cfg.logging.level)
     return cfg
 
 def cmd_prepare(args) -> int:
     "foundry prepare: tokenize and pack, or report the cached preparation."
     cfg = _config(args)
-    p = prepare(cfg.data, cfg.tokenizer, log=logging.getLogger('model_foundry').warning)
+    p = prepare(cfg.data, cfg.tokenizer, log=log.warning)
     m = p.meta
     print(f"{m['source']}: {m['files']} files ({len(m['skipped_files'])} skipped), {m['n_tokens']:,} tokens "
           f"({m['n_train']:,} train / {m['n_val']:,} val), vocabulary {m['vocab_size']:,} ({m['tokenizer']}), cached in {p.path}")
@@ -148,7 +149,7 @@ def cmd_generate(args) -> int:
                          repetition_penalty=args.repetition_penalty, stop=args.stop)
             if args.num_samples > 1: print(f'--- sample {i + 1} ---')
             print(args.prompt + g.text)
-            logging.getLogger('model_foundry').info(f'{len(g.token_ids)} tokens in {g.seconds:.2f} s ({g.tokens_per_s:,.0f} tokens/s)')
+            log.info(f'{len(g.token_ids)} tokens in {g.seconds:.2f} s ({g.tokens_per_s:,.0f} tokens/s)')
     except ValueError as e: raise ConfigError(str(e)) from None
     return 0
 

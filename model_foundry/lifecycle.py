@@ -10,7 +10,8 @@ import math, os, signal, threading
 from typing import Optional
 
 from .checkpointing import intact_checkpoints
-from .loop import ORDERS, Callback, log, restore_newest
+from .config import log
+from .loop import ORDERS, Callback, restore_newest
 
 # %% ../nbs/07_lifecycle.ipynb #36bbb229
 class EarlyStopping(Callback):

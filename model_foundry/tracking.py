@@ -15,10 +15,10 @@ from typing import Callable
 import torch
 
 from .checkpointing import list_checkpoints
-from .config import ConfigError, LoggingConfig
+from .config import ConfigError, LoggingConfig, log
 from .data import cache_root
 from .generation import generate
-from .loop import ORDERS, Callback, TrainingError, log
+from .loop import ORDERS, Callback, TrainingError
 
 # %% ../nbs/10_tracking.ipynb #fa93ac15
 def new_run_id() -> str:

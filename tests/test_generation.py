@@ -3,7 +3,8 @@ import pytest
 
 from model_foundry.config import ExperimentConfig
 from model_foundry.generation import context_length, generate, generate_batch
-from model_foundry.run import load_run, train
+from model_foundry.results import load_run
+from model_foundry.run import train
 
 
 @pytest.fixture(scope='module')
