@@ -293,6 +293,7 @@ def replacing(path, durable: bool = False):
         if full is not None: raise full from e  # named by what was being written, not by its temporary
         raise
 
+# %% ../nbs/00_config.ipynb #d0a5dcbd
 def write_atomic(path, text: str) -> Path:
     "Write `text` to `path` through `replacing`: readers see the old content or the new, never a part."
     with replacing(path) as tmp: tmp.write_text(text)

@@ -23,7 +23,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from .config import ConfigError, DataConfig, TokenizerConfig
 
 # %% ../nbs/01_data.ipynb #31216d41
-STDLIB = 'python-stdlib'
 _STDLIB_SKIP_DIRS = {'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'idle_test'}
 
 def stdlib_files() -> list[Path]:
@@ -35,7 +34,9 @@ def stdlib_files() -> list[Path]:
         out += [Path(dirpath)/f for f in sorted(filenames) if f.endswith('.py') and not f.startswith('test_')]
     return out
 
-# %% ../nbs/01_data.ipynb #76067f54
+# %% ../nbs/01_data.ipynb #076cd4b1
+STDLIB = 'python-stdlib'
+
 def _visible(p: Path, root: Path) -> bool:
     return not any(part.startswith('.') for part in p.relative_to(root).parts)
 
@@ -60,7 +61,7 @@ class CorpusStats:
     files: int = 0
     skipped: list = field(default_factory=list)
 
-# %% ../nbs/01_data.ipynb #77ba9de8
+# %% ../nbs/01_data.ipynb #f47055bd
 CHUNK_CHARS = 1 << 20
 
 def read_chunks(path: Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
@@ -72,6 +73,7 @@ def read_chunks(path: Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
             if not chunk.endswith('\n'): chunk += f.readline()
             yield chunk
 
+# %% ../nbs/01_data.ipynb #a20f8d15
 def text_status(path: Path) -> str:
     "'ok', 'empty' or 'undecodable' for the file at `path` (read in chunks: constant memory)."
     try: return 'ok' if any(c for c in read_chunks(path)) else 'empty'
@@ -139,6 +141,7 @@ def token_dtype(vocab_size: int):
     "The smallest unsigned dtype that holds every token id."
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
+# %% ../nbs/01_data.ipynb #9239bb99
 def _doc_order(files: list[Path]) -> list[Path]:
     "Files in a stable order that mixes directories (sorted by a hash of the path)."
     root = Path(os.path.commonpath([str(p.parent) for p in files]))
@@ -168,12 +171,13 @@ def _write_ids(backend, texts, dtype, f) -> int:
     return len(ids)
 
 # %% ../nbs/01_data.ipynb #ec0829e3
-PREP_VERSION = 1
-
 def cache_root(cfg: DataConfig | None = None) -> Path:
     "The cache directory: `data.cache_dir`, else $FOUNDRY_CACHE, else ~/.cache/model_foundry."
     if cfg is not None and cfg.cache_dir: return Path(cfg.cache_dir).expanduser()
     return Path(os.environ.get('FOUNDRY_CACHE') or Path.home()/'.cache'/'model_foundry')
+
+# %% ../nbs/01_data.ipynb #678b4a3b
+PREP_VERSION = 1
 
 def prep_key(data: DataConfig, tok: TokenizerConfig, files: list[Path]) -> str:
     "Hash of what a preparation depends on: the inputs' fingerprints and the config that reads them."

@@ -59,13 +59,14 @@ def resolve_device(choice: str = 'auto') -> torch.device:
         raise ConfigError("training.device: 'mps' asked for, but MPS is not available on this machine")
     return torch.device(choice)
 
-# %% ../nbs/02_model.ipynb #6af400f5
+# %% ../nbs/02_model.ipynb #a2a4ec26
 def resolve_precision(device: torch.device, choice: str = 'auto') -> str:
     "The precision actually used: 'fp32' on CPU unless asked otherwise; bf16 (or fp16) on CUDA."
     if choice != 'auto': return choice
     if device.type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
     return 'fp32'
 
+# %% ../nbs/02_model.ipynb #6ba07e92
 def autocast_for(device: torch.device, precision: str):
     "A context manager that autocasts the forward pass to `precision` (a no-op for fp32)."
     if precision == 'fp32': return contextlib.nullcontext()
