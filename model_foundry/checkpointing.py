@@ -9,7 +9,7 @@ __all__ = ['FORMAT_VERSION', 'StopReason', 'CKPT_RE', 'MANIFEST', 'COMPLETE', 'Q
            'intact_checkpoints', 'load_checkpoint', 'prune_checkpoints']
 
 # %% ../nbs/04_checkpointing.ipynb #d5c0da17
-import dataclasses, hashlib, json, logging, random, re, shutil, time
+import dataclasses, hashlib, json, random, re, shutil, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional

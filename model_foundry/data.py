@@ -9,7 +9,7 @@ __all__ = ['STDLIB', 'CHUNK_CHARS', 'EOS', 'PREP_VERSION', 'stdlib_files', 'corp
            'val_batches', 'DataLoaders']
 
 # %% ../nbs/01_data.ipynb #37895e8b
-import fnmatch, glob, hashlib, json, os, shutil, sysconfig, time
+import fnmatch, glob, hashlib, json, os, sysconfig, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .config import ConfigError, DataConfig, TokenizerConfig
+from .config import ConfigError, DataConfig, TokenizerConfig, replacing
 
 # %% ../nbs/01_data.ipynb #31216d41
 _STDLIB_SKIP_DIRS = {'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'idle_test'}
@@ -220,10 +220,8 @@ def prepare(data: DataConfig, tok_cfg: TokenizerConfig, progress: bool = True, l
     t0, stats = time.time(), CorpusStats()
     files = usable_files(files, stats)
     if not files: raise ConfigError(f"data.source_corpus: {data.source_corpus!r} holds no readable text ({len(stats.skipped)} files skipped)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent/f'.{key}.tmp-{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-    try:
+    with replacing(out) as tmp:  # concurrent preparations of the same inputs: the last one to finish is kept, identical
+        tmp.mkdir()
         tokenizer = build_tokenizer(tok_cfg, files)
         tokenizer.save_pretrained(tmp/'tokenizer')
         n = pack_tokens(files, tokenizer, tmp/'tokens.bin', progress=progress)
@@ -233,10 +231,6 @@ def prepare(data: DataConfig, tok_cfg: TokenizerConfig, progress: bool = True, l
                     n_val=n - n_train, vocab_size=len(tokenizer), dtype=np.dtype(token_dtype(len(tokenizer))).name,
                     tokenizer=tok_cfg.kind, seconds=round(time.time() - t0, 2), key=key)
         (tmp/'meta.json').write_text(json.dumps(meta, indent=1))
-        try: tmp.rename(out)
-        except OSError:  # another process finished the same preparation first: use theirs
-            if not (out/'meta.json').exists(): raise
-    finally: shutil.rmtree(tmp, ignore_errors=True)
     if stats.skipped and log: log(f"skipped {len(stats.skipped)} files that are not UTF-8 text, e.g. {stats.skipped[0]}")
     return PreparedData.load(out)
 

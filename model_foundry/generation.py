@@ -8,6 +8,7 @@ __all__ = ['filter_logits', 'penalize_repeats', 'next_token', 'context_length', 
 
 # %% ../nbs/08_generation.ipynb #dbc08d9d
 import inspect, time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -28,6 +29,7 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
         logits[..., order[drop]] = float('-inf')
     return logits
 
+# %% ../nbs/08_generation.ipynb #58a67fe9
 def penalize_repeats(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
     "CTRL's repetition penalty: logits of tokens already in the text are divided by `penalty` (multiplied when negative)."
     logits = logits.clone()
@@ -37,6 +39,7 @@ def penalize_repeats(logits: torch.Tensor, seen: list[int], penalty: float) -> t
         logits[idx] = torch.where(v > 0, v / penalty, v * penalty)
     return logits
 
+# %% ../nbs/08_generation.ipynb #6a74ff48
 def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                generator: Optional[torch.Generator] = None) -> int:
     "The next token id from 1-D `logits`: argmax when `temperature` is 0, else a filtered sample."
@@ -50,6 +53,7 @@ def context_length(model) -> int:
     c = model.config
     return getattr(c, 'n_positions', None) or getattr(c, 'max_position_embeddings')
 
+# %% ../nbs/08_generation.ipynb #dedb19c7
 @dataclass
 class Generation:
     "The result of `generate`: the completion (prompt excluded), its token ids, and its speed."
@@ -90,28 +94,39 @@ def cache_of(res):
     fields = getattr(res, '__dataclass_fields__', {})
     return res.get('cache') if 'cache' in fields else res.get('past_key_values')  # asking for the old name warns
 
+# %% ../nbs/08_generation.ipynb #ac7e9d01
 def cache_kwarg(model) -> str:
     "The name under which `model.forward` takes a KV cache."
     return 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
 
-# %% ../nbs/08_generation.ipynb #7b2728f3
+# %% ../nbs/08_generation.ipynb #6fd210ca
+def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float], repetition_penalty: float):
+    "Raise a ValueError naming the first sampling setting out of range."
+    if temperature < 0: raise ValueError(f"temperature must be >= 0 (got {temperature})")
+    if repetition_penalty <= 0: raise ValueError(f"repetition_penalty must be > 0 (got {repetition_penalty})")
+    if top_k is not None and top_k < 1: raise ValueError(f"top_k must be >= 1 (got {top_k})")
+    if top_p is not None and not 0 < top_p <= 1: raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+
+@contextmanager
+def _eval_mode(model):
+    "`model` in eval mode inside the block, then back in the mode it was in."
+    was_training = model.training
+    model.eval()
+    try: yield model
+    finally: model.train(was_training)
+
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 100, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, seed: Optional[int] = None, eos_token_id: Optional[int] = None,
                  repetition_penalty: float = 1.0, should_stop: Optional[Callable[[list], bool]] = None) -> list[int]:
     "New token ids continuing `prompt_ids` (KV-cached; sliding window past the context length)."
-    if temperature < 0: raise ValueError(f"temperature must be >= 0 (got {temperature})")
-    if repetition_penalty <= 0: raise ValueError(f"repetition_penalty must be > 0 (got {repetition_penalty})")
-    if top_k is not None and top_k < 1: raise ValueError(f"top_k must be >= 1 (got {top_k})")
-    if top_p is not None and not 0 < top_p <= 1: raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+    _check_sampling(temperature, top_k, top_p, repetition_penalty)
     ctx, device = context_length(model), next(model.parameters()).device
     ids = list(prompt_ids)[-ctx:] or [eos_token_id if eos_token_id is not None else 0]
     gen = torch.Generator(device='cpu').manual_seed(seed) if seed is not None else None
-    was_training = model.training
-    model.eval()
     past, cached, out = None, 0, []
     lean = lean_gpt2_step(model)
-    try:
+    with _eval_mode(model):
         for _ in range(max_new_tokens):
             if len(ids) <= ctx and lean is not None: logits = lean(ids[cached:], cached)
             elif past is not None and len(ids) <= ctx:
@@ -127,7 +142,6 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 100, temper
             ids.append(tok); out.append(tok)
             if eos_token_id is not None and tok == eos_token_id: break
             if should_stop is not None and should_stop(out): break
-    finally: model.train(was_training)
     return out
 
 # %% ../nbs/08_generation.ipynb #cd9cf14c
@@ -148,24 +162,28 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperatu
     return Generation(text[:cut] if cut >= 0 else text, ids, min(len(prompt_ids), context_length(model)), secs)
 
 # %% ../nbs/08_generation.ipynb #71e71bac
+def _left_pad(rows: list[list[int]], pad: int, device):
+    "Left-padded ids, attention mask, and position ids that start at 0 on each row's first real token."
+    L = max(map(len, rows))
+    ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
 @torch.inference_mode()
 def generate_batch_ids(model, prompts: list[list[int]], max_new_tokens: int = 100, temperature: float = 1.0,
                        top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
                        eos_token_id: Optional[int] = None, repetition_penalty: float = 1.0) -> list[list[int]]:
     "New token ids for each of `prompts`, generated together (left padding, masked, positions per row)."
+    _check_sampling(temperature, top_k, top_p, repetition_penalty)
     ctx, device = context_length(model), next(model.parameters()).device
     rows = [list(p)[-ctx:] or [eos_token_id if eos_token_id is not None else 0] for p in prompts]
     if max(map(len, rows)) + max_new_tokens > ctx:  # the window would slide: one prompt at a time
         return [generate_ids(model, r, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, repetition_penalty) for r in rows]
-    B, L, pad = len(rows), max(map(len, rows)), eos_token_id if eos_token_id is not None else 0
-    ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    B, pad = len(rows), eos_token_id if eos_token_id is not None else 0
+    ids, mask, pos = _left_pad(rows, pad, device)
     gens = [torch.Generator(device='cpu').manual_seed(seed) if seed is not None else None for _ in rows]
-    was_training = model.training
-    model.eval()
     out, done = [[] for _ in rows], [False] * B
-    try:
+    with _eval_mode(model):
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         for _ in range(max_new_tokens):
             logits = res.logits[:, -1].float().cpu()
@@ -181,7 +199,6 @@ def generate_batch_ids(model, prompts: list[list[int]], max_new_tokens: int = 10
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
             res = model(input_ids=torch.tensor(nxt, device=device)[:, None], attention_mask=mask, position_ids=pos,
                         **{cache_kwarg(model): cache_of(res)}, use_cache=True, logits_to_keep=1)
-    finally: model.train(was_training)
     return out
 
 # %% ../nbs/08_generation.ipynb #a8d4ae8c

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import psutil
 
 import model_foundry
-from .config import ConfigError, apply_overrides, load_config, log
+from .config import ConfigError, apply_overrides, load_config, log, replacing, write_atomic
 from .data import prepare
 from .generation import generate
 from .loop import ORDERS, Callback
@@ -51,6 +51,7 @@ class JobFailed(Exception):
     def __init__(self, msg: str, ename: str = ''):
         super().__init__(msg); self.ename = ename
 
+# %% ../nbs/13_jobs.ipynb #111434b4
 def keep_previous(path: Path) -> Optional[Path]:
     "Rename an existing `path` (NAME.ipynb) to NAME.attempt-N.ipynb, N one more than the last; return the new name."
     path = Path(path)
@@ -120,6 +121,7 @@ def train_job(config, run_dir=None, overrides=(), echo: bool = True) -> dict:
     execute_job('train', nb, dict(config=str(Path(config).resolve()), overrides=list(overrides), run_dir=str(run.root.resolve())), echo)
     return run.read_state()
 
+# %% ../nbs/13_jobs.ipynb #b3c09090
 def evaluate_job(run_dir, suites=(), texts=(), echo: bool = True) -> dict:
     "Run jobs/evaluate.ipynb on `run_dir` into RUN_DIR/evaluate.ipynb; return the report."
     run = RunDir(run_dir)
@@ -144,10 +146,12 @@ def parse_grid(items) -> dict:
     if not grid: raise ConfigError('a sweep needs at least one --grid key=value1,value2,...')
     return grid
 
+# %% ../nbs/13_jobs.ipynb #479c9e7d
 def expand_grid(grid: dict) -> list[dict]:
     "Every combination of the grid's values, the first axis varying slowest."
     return [dict(zip(grid, vs)) for vs in itertools.product(*grid.values())]
 
+# %% ../nbs/13_jobs.ipynb #64f8def2
 def point_name(point: dict) -> str:
     "A run name for a grid point: the last part of each key and its value, e.g. learning_rate=1e-3_layers=2."
     short = [k.split('.')[-1] for k in point]
@@ -184,9 +188,7 @@ def sweep_rows(sweep_dir) -> list[dict]:
                          tokens_per_s=round(sum(r['tokens_per_s'] for r in tr) / len(tr)) if tr else None))
     return sorted(rows, key=lambda r: (r['status'] not in FINISHED, r['best_val_loss'] is None, r['best_val_loss'] or 0.0, r['run']))
 
-# %% ../nbs/13_jobs.ipynb #7e9e774f
-def _fmt(v): return '' if v is None else f'{v:.4f}' if isinstance(v, float) else str(v)
-
+# %% ../nbs/13_jobs.ipynb #51d86284
 def plot_sweep(sweep_dir, rows: list[dict], out: Path) -> Optional[Path]:
     "summary.png: each run's val loss against step, and the runs ranked by best val loss."
     done = [r for r in rows if r['best_val_loss'] is not None]
@@ -205,21 +207,23 @@ def plot_sweep(sweep_dir, rows: list[dict], out: Path) -> Optional[Path]:
     fig.savefig(out, dpi=100, format='png'); plt.close(fig)
     return out
 
+# %% ../nbs/13_jobs.ipynb #48825e7e
+def _fmt(v): return '' if v is None else f'{v:.4f}' if isinstance(v, float) else str(v)
+
 def write_summary(sweep_dir) -> list[dict]:
     "Write summary.csv, summary.md and summary.png into `sweep_dir`; return the ranked rows."
     root = Path(sweep_dir); rows = sweep_rows(root)
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = lambda name: root/f'.{name}.{os.getpid()}.tmp'  # several sweeps (or W&B agents) may write one sweep directory
-    with open(tmp('summary.csv'), 'w', newline='') as f:
+    with replacing(root/'summary.csv') as t, open(t, 'w', newline='') as f:  # per-process temporaries: sweeps and agents may share it
         w = csv.DictWriter(f, cols); w.writeheader(); w.writerows(rows)
-    tmp('summary.csv').replace(root/'summary.csv')
-    png = plot_sweep(root, rows, tmp('summary.png'))
-    if png: png = png.replace(root/'summary.png')
+    png = any(r['best_val_loss'] is not None for r in rows)
+    if png:
+        with replacing(root/'summary.png') as t: plot_sweep(root, rows, t)
     md = [f'# Sweep {root.name}', '', f'{len(rows)} runs, ranked by best val loss.', '',
           '| rank | ' + ' | '.join(cols) + ' |', '|' + '---|' * (len(cols) + 1)]
     md += [f'| {i} | ' + ' | '.join(_fmt(r.get(c)) for c in cols) + ' |' for i, r in enumerate(rows, 1)]
     if png: md += ['', '![val loss of each run](summary.png)']
-    tmp('summary.md').write_text('\n'.join(md) + '\n'); tmp('summary.md').replace(root/'summary.md')
+    write_atomic(root/'summary.md', '\n'.join(md) + '\n')
     return rows
 
 # %% ../nbs/13_jobs.ipynb #54d979f6

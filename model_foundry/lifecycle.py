@@ -7,7 +7,6 @@ __all__ = ['EarlyStopping', 'NonFiniteGuard', 'Preemption']
 
 # %% ../nbs/07_lifecycle.ipynb #b30a63ee
 import math, os, signal, threading
-from typing import Optional
 
 from .checkpointing import intact_checkpoints
 from .config import log

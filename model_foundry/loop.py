@@ -9,7 +9,7 @@ __all__ = ['ORDERS', 'EVENTS', 'param_groups', 'make_optimizer', 'WarmupCosine',
            'resume']
 
 # %% ../nbs/05_loop.ipynb #ad09e028
-import dataclasses, gc, json, logging, math, time
+import dataclasses, gc, json, math, time
 from pathlib import Path
 from typing import Optional
 

@@ -15,6 +15,7 @@ matplotlib.use('Agg')  # files, not windows
 import matplotlib.pyplot as plt
 import torch
 
+from .config import write_atomic
 from .data import read_chunks, usable_files, corpus_files
 from .evaluation import evaluate_loss, perplexity
 
@@ -30,6 +31,7 @@ def text_batches(ids: list[int], context: int, batch_size: int = 16):
     for s in rest: out.append((ids[s:-1][None], ids[s + 1:][None]))
     return out
 
+# %% ../nbs/11_reports.ipynb #28489937
 def file_perplexity(model, tokenizer, source: str, context: int, device='cpu') -> dict:
     "Token-weighted loss and perplexity of `model` on the text file(s) of `source`, with a per-file breakdown."
     files, per = usable_files(corpus_files(str(source))), []
@@ -53,6 +55,7 @@ def read_metrics(path) -> list[dict]:
         except ValueError: pass
     return out
 
+# %% ../nbs/11_reports.ipynb #10a727bd
 def plot_losses(records: list[dict], block_size: int, out: Path) -> Optional[Path]:
     "loss.png: train and val loss against step and against tokens seen."
     tr = [r for r in records if r['type'] == 'train']; ev = [r for r in records if r['type'] == 'eval']
@@ -68,6 +71,7 @@ def plot_losses(records: list[dict], block_size: int, out: Path) -> Optional[Pat
     fig.savefig(out, dpi=100); plt.close(fig)
     return out
 
+# %% ../nbs/11_reports.ipynb #109bbaf5
 def plot_suite(records: list[dict], out: Path) -> Optional[Path]:
     "suite.png: behavioural pass rate (and Python parse rate) against step."
     su = [r for r in records if r['type'] == 'suite']
@@ -80,7 +84,7 @@ def plot_suite(records: list[dict], out: Path) -> Optional[Path]:
     fig.tight_layout(); fig.savefig(out, dpi=100); plt.close(fig)
     return out
 
-# %% ../nbs/11_reports.ipynb #c0caf0b4
+# %% ../nbs/11_reports.ipynb #e2b791c5
 def _cell(s: str) -> str:
     "Text safe inside a markdown table cell: a `|` (as in a regex check) would split the cell."
     return str(s).replace('|', '\\|')
@@ -110,9 +114,8 @@ def render_markdown(rep: dict) -> str:
     if rep.get('plots'): L += ['', '## Plots', ''] + [f'![{Path(p).stem}]({Path(p).name})' for p in rep['plots']]
     return '\n'.join(L) + '\n'
 
+# %% ../nbs/11_reports.ipynb #89face6c
 def write_report(rep: dict, out_dir: Path) -> Path:
     "Write report.json and report.md into `out_dir`; returns the markdown path."
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir/'report.json').write_text(json.dumps(rep, indent=1))
-    (out_dir/'report.md').write_text(render_markdown(rep))
-    return out_dir/'report.md'
+    write_atomic(Path(out_dir)/'report.json', json.dumps(rep, indent=1))
+    return write_atomic(Path(out_dir)/'report.md', render_markdown(rep))

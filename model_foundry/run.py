@@ -9,7 +9,7 @@ __all__ = ['Status', 'FINISHED', 'PACKAGES', 'RunDir', 'default_run_dir', 'lock_
            'RunInterrupted', 'publish_run', 'finish', 'train']
 
 # %% ../nbs/12_run.ipynb #0ccd8e01
-import contextlib, fcntl, json, logging, os, platform, random, signal, subprocess, sys, time
+import contextlib, fcntl, json, os, platform, random, signal, subprocess, sys, time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['WANDB_PREFIX', 'new_run_id', 'start_wandb', 'hardware_stats', 'WandbTracker', 'artifact_name', 'confirm_upload',
-           'UploadFailed', 'delete_local_checkpoints', 'publish_final_model', 'download_artifact', 'artifact_cache_dir',
+           'UploadFailed', 'delete_local_checkpoints', 'publish_final_model', 'artifact_cache_dir', 'download_artifact',
            'resolve_model_source']
 
 # %% ../nbs/10_tracking.ipynb #d059cbd9
@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .checkpointing import list_checkpoints
-from .config import ConfigError, LoggingConfig, log
+from .config import ConfigError, LoggingConfig, log, replacing
 from .data import cache_root
 from .generation import generate
 from .loop import ORDERS, Callback, TrainingError
@@ -25,6 +25,7 @@ def new_run_id() -> str:
     "A fresh W&B-style run id (8 lowercase letters and digits)."
     return ''.join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
+# %% ../nbs/10_tracking.ipynb #c5380e81
 def start_wandb(cfg: LoggingConfig, run_id: str, name: str, config: dict, root: Path):
     "A W&B run (continuing `run_id`), falling back to offline when online init fails; None when disabled."
     import wandb
@@ -78,27 +79,30 @@ class WandbTracker(Callback):
         if rows: self.wrun.log({'samples': wandb.Table(columns=['step', 'source', 'prompt', 'completion', 'passed'], data=rows),
                                 'trainer/step': l.state.step})
 
-# %% ../nbs/10_tracking.ipynb #8e9e5b84
+# %% ../nbs/10_tracking.ipynb #659a1bde
 def artifact_name(experiment_name: str) -> str:
     "A valid W&B artifact name for a run's model."
     return re.sub(r'[^A-Za-z0-9._-]', '-', experiment_name) + '-model'
 
+# %% ../nbs/10_tracking.ipynb #8e9e5b84
 def confirm_upload(wrun, artifact, timeout: float) -> str:
     "'awaiting_sync' for an offline run (never wait: it raises offline); else block until W&B confirms the upload."
     if wrun.offline: return 'awaiting_sync'
     artifact.wait(timeout=timeout)
     return 'uploaded'
 
+# %% ../nbs/10_tracking.ipynb #46b96a9d
 class UploadFailed(TrainingError):
     "The model artifact's upload could not be confirmed; local files were kept."
 
-# %% ../nbs/10_tracking.ipynb #1fd811c2
+# %% ../nbs/10_tracking.ipynb #b7d0749c
 def delete_local_checkpoints(checkpoints: Path) -> int:
     "Remove every checkpoint directory (the run is finished and its model handed over); return how many."
     cks = list_checkpoints(checkpoints)
     for p in cks: shutil.rmtree(p)
     return len(cks)
 
+# %% ../nbs/10_tracking.ipynb #b56e1697
 def publish_final_model(wrun, final_dir: Path, checkpoints: Path, name: str, metadata: dict, timeout: float = 600,
                         retries: int = 3, keep_local_checkpoints: bool = False) -> dict:
     "Log `final_dir` as a model artifact (aliases best, latest); delete checkpoints only once it is handed over."
@@ -120,17 +124,18 @@ def publish_final_model(wrun, final_dir: Path, checkpoints: Path, name: str, met
     if not keep_local_checkpoints: rec['checkpoints_deleted'] = delete_local_checkpoints(checkpoints)
     return rec
 
-# %% ../nbs/10_tracking.ipynb #46b96a9d
+# %% ../nbs/10_tracking.ipynb #8d5f09a8
+def artifact_cache_dir(ref: str) -> Path:
+    "Where the artifact `ref` is cached."
+    return cache_root()/'artifacts'/re.sub(r'[^A-Za-z0-9._-]', '_', ref)
+
+# %% ../nbs/10_tracking.ipynb #ea97e2fe
 WANDB_PREFIX = 'wandb:'
 
 def download_artifact(ref: str, dest: Path) -> Path:
     "Download W&B artifact `ref` (ENTITY/PROJECT/NAME:ALIAS) into `dest` (the only network call)."
     import wandb
     return Path(wandb.Api().artifact(ref, type='model').download(root=str(dest)))
-
-def artifact_cache_dir(ref: str) -> Path:
-    "Where the artifact `ref` is cached."
-    return cache_root()/'artifacts'/re.sub(r'[^A-Za-z0-9._-]', '_', ref)
 
 def resolve_model_source(source: str, fetch: Callable = None) -> Path:
     "A local directory for `source`: itself, or for `wandb:...` the cached download of the artifact."
@@ -140,14 +145,10 @@ def resolve_model_source(source: str, fetch: Callable = None) -> Path:
         raise ConfigError(f'artifact reference must look like wandb:ENTITY/PROJECT/NAME:ALIAS (got {source!r})')
     out = artifact_cache_dir(ref)
     if (out/'config.json').is_file(): return out
-    tmp = out.with_name(out.name + f'.tmp-{os.getpid()}')
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    try:
+    with replacing(out) as tmp:
+        tmp.mkdir()
         try: (fetch or download_artifact)(ref, tmp)
         except ConfigError: raise
         except Exception as e: raise ConfigError(f'cannot download {source}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from None
         if not (tmp/'config.json').is_file(): raise ConfigError(f'{source} holds no Hugging Face model (no config.json)')
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -84,7 +84,6 @@ def test_callback_table_matches_the_callbacks():
 def test_callback_events_fire_in_documented_order(tmp_path, capsys):
     from model_foundry.fixtures import tiny_config, tiny_prepared
     from model_foundry.jobs import JobLog
-    from model_foundry.lifecycle import EarlyStopping
     from model_foundry.run import RunDir, build_learner
     (tmp_path/'suite.yaml').write_text("name: s\nmax_new_tokens: 4\nprompts:\n  - {name: a, language: text, prompt: 'the '}\n")
     cfg = tiny_config(tmp_path, training=dict(train_steps=6, eval_interval=3, checkpoint_interval=3, log_interval=2,
