@@ -34,7 +34,7 @@ class EarlyStopping(Callback):
 # %% ../nbs/07_lifecycle.ipynb #acd02a69
 class NonFiniteGuard(Callback):
     "Veto steps with a non-finite loss or gradient norm; after `patience` in a row, roll back (lr x `lr_factor`) or stop."
-    order = ORDERS['NonFiniteGuard']  # before CheckpointCallback: a stop is checkpointed; a rollback's step is not saved again
+    order = ORDERS['NonFiniteGuard']  # after the step's metrics, before CheckpointCallback: a stop is checkpointed, a rollback's step is not saved again
     def __init__(self, patience: int = 3, action: str = 'rollback', lr_factor: float = 0.5, checkpoints=None):
         self.patience, self.action, self.lr_factor, self.checkpoints = patience, action, lr_factor, checkpoints
         self.in_a_row, self.total, self.rollbacks = 0, 0, 0

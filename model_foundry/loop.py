@@ -51,7 +51,7 @@ def make_scheduler(opt: torch.optim.Optimizer, t: TrainingConfig) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(t.warmup_steps or 0, t.train_steps, t.min_lr / t.learning_rate))
 
 # %% ../nbs/05_loop.ipynb #2516df6b
-ORDERS = dict(Preemption=-10, NonFiniteGuard=10, EarlyStopping=15, MetricsLogger=20, CheckpointCallback=30,
+ORDERS = dict(Preemption=-10, EarlyStopping=15, MetricsLogger=20, NonFiniteGuard=25, CheckpointCallback=30,
               SuiteCallback=40, WandbTracker=80, ProgressBar=90, JobLog=90)
 EVENTS = ('before_fit', 'before_step', 'after_backward', 'before_opt_step', 'after_eval', 'after_step', 'after_log', 'after_fit')
 
