@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ExperimentConfig
-from .data import DataLoaders, PreparedData, prepare
+from .config import ExperimentConfig, resolve_config
+from .data import DataLoaders, PreparedData, TokenBlocks, prepare
 from .loop import Callback, CheckpointCallback, Learner, MetricsLogger, make_optimizer, make_scheduler
 from .model import build_model
 
@@ -49,11 +49,12 @@ def tiny_model(cfg: ExperimentConfig, prepared: PreparedData, seed: int = 0):
 # %% ../nbs/06_fixtures.ipynb #1813523b
 def tiny_learner(cfg: ExperimentConfig, run=None, cbs=(), seed: int = 0) -> Learner:
     "A learner for `cfg` (a `tiny_config`); with `run`, metrics and checkpoints are written under it."
-    t, prep = cfg.training, tiny_prepared(cfg)
+    prep = tiny_prepared(cfg)
+    t = resolve_config(cfg, len(TokenBlocks(prep.train, cfg.data.max_sequence_length)), prep.vocab_size).training  # derived values filled
     model = tiny_model(cfg, prep, seed)
     opt = make_optimizer(model, t)
-    std = [MetricsLogger(Path(run)/'metrics.jsonl', t.log_interval), CheckpointCallback(Path(run)/'checkpoints', t.checkpoint_interval or t.eval_interval,
-           t.keep_checkpoints)] if run else []
+    std = [MetricsLogger(Path(run)/'metrics.jsonl', t.log_interval),
+           CheckpointCallback(Path(run)/'checkpoints', t.checkpoint_interval, t.keep_checkpoints)] if run else []
     return Learner(model, DataLoaders.from_config(prep, cfg.data, cfg.random_seed, t.eval_batches), opt, make_scheduler(opt, t),
                    train_steps=t.train_steps, eval_every=t.eval_interval, max_grad_norm=t.max_grad_norm, cbs=[*std, *cbs])
 

@@ -1,5 +1,5 @@
-"""Shared fixtures: an isolated cache, the tiny Shakespeare corpus, and a helper to run `foundry`."""
-import os, subprocess, sys
+"""Shared fixtures: an isolated cache, the tiny Shakespeare corpus, and helpers to run `foundry` and wait on it."""
+import os, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -27,3 +27,19 @@ def foundry(*args, cwd=None, timeout=600, env=None):
     "Run the real `foundry` command in a subprocess; returns the CompletedProcess."
     e = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'), **(env or {}))
     return subprocess.run([str(FOUNDRY), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=e)
+
+
+def start_train(cfg, run) -> subprocess.Popen:
+    "Start `foundry train CFG --run-dir RUN` in the background, output captured, with the thread count `foundry()` uses."
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))  # the thread count changes float sums
+    return subprocess.Popen([str(FOUNDRY), 'train', str(cfg), '--run-dir', str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_until(cond, timeout=120, every=0.0005) -> bool:
+    "Poll `cond` until it holds (True) or `timeout` seconds pass (False)."
+    t = time.time() + timeout
+    while time.time() < t:
+        if cond(): return True
+        time.sleep(every)
+    return False

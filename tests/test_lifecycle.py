@@ -1,14 +1,14 @@
 """The run lifecycle with real processes, real signals and real files: crash-safe checkpoints,
 bit-exact resume, fallback past corrupt checkpoints, preemption, early stopping, retention and the
 non-finite guard."""
-import json, os, random, signal, subprocess, time
+import json, os, random, signal, time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FOUNDRY, foundry
+from conftest import foundry, start_train, wait_until
 from model_foundry.checkpointing import list_checkpoints, read_trainer_state
 from model_foundry.config import load_config
 from model_foundry.fixtures import DegradeAfter, InjectNaN, StopAfter
@@ -68,20 +68,6 @@ def assert_same_weights(a, b):
     for k in wa: assert torch.equal(wa[k], wb[k]), k
 
 
-def start(cfg, run):
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))  # as foundry(): thread count changes float sums
-    return subprocess.Popen([str(FOUNDRY), 'train', str(cfg), '--run-dir', str(run)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
-def wait_until(cond, timeout=60, every=0.0005):
-    t = time.time() + timeout
-    while time.time() < t:
-        if cond(): return True
-        time.sleep(every)
-    return False
-
-
 def running(run):
     try: return json.loads((Path(run)/'state.json').read_text()).get('status') == 'running'
     except (OSError, ValueError): return False
@@ -117,7 +103,7 @@ def test_training_resumes_from_latest_checkpoint_after_interruption(tmp_path, ca
     run, rng = tmp_path/'interrupted', random.Random(0)
     kills, mid_write_kills = [], 0
     for attempt in range(6):
-        proc = start(cfg, run)
+        proc = start_train(cfg, run)
         assert wait_until(lambda: running(run) or proc.poll() is not None, timeout=120)
         if attempt % 2 == 0:  # a kill at a random moment of training
             time.sleep(rng.uniform(0.05, 0.8))
@@ -153,7 +139,7 @@ def test_training_resumes_from_latest_checkpoint_after_interruption(tmp_path, ca
 def test_sigterm_writes_checkpoint_and_resume_continues(tmp_path, cache_dir, shakespeare, sig, code):
     cfg = write_config(tmp_path, shakespeare, steps=400, ckpt_every=1000, eval_every=1000)
     run = tmp_path/'run'
-    proc = start(cfg, run)
+    proc = start_train(cfg, run)
     assert wait_until(lambda: running(run) and len(records(run, 'train')) >= 5, timeout=120)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -177,7 +163,7 @@ def test_second_signal_exits_at_once(tmp_path, cache_dir, shakespeare):
     # steps of a few hundred milliseconds, so that the second signal arrives while the first step is unfinished
     cfg = write_config(tmp_path, shakespeare, batch=64, ctx=128, width=256, steps=400, ckpt_every=1000, eval_every=1000)
     run = tmp_path/'run'
-    proc = start(cfg, run)
+    proc = start_train(cfg, run)
     assert wait_until(lambda: running(run) and len(records(run, 'train')) >= 2, timeout=120)
     proc.send_signal(signal.SIGTERM); time.sleep(0.02); proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
@@ -190,7 +176,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, cache_dir, s
     cfg = write_config(tmp_path, shakespeare, steps=40, ckpt_every=10, keep=3, eval_every=20)
     ref, run = tmp_path/'ref', tmp_path/'run'
     assert foundry('train', cfg, '--run-dir', ref).returncode == 0
-    proc = start(cfg, run)
+    proc = start_train(cfg, run)
     assert wait_until(lambda: (run/'checkpoints'/'step-00000030'/'COMPLETE').exists(), timeout=120)
     proc.send_signal(signal.SIGSTOP); proc.kill(); proc.wait()  # a crash after step 30's checkpoint
     assert (run/'checkpoints'/'step-00000030'/'COMPLETE').is_file()

@@ -2,14 +2,14 @@
 small filesystem: a checkpoint loads on its own; nothing that fails verification is deleted; checkpoints
 written by an earlier version of this project, or on a GPU, resume here; one trainer per run directory;
 a full disk costs the step being saved and nothing else."""
-import json, os, signal, subprocess, shutil, time
+import json, os, signal, subprocess, shutil
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FOUNDRY, REPO, foundry
+from conftest import REPO, foundry, start_train, wait_until
 from model_foundry.checkpointing import list_checkpoints, load_checkpoint, verify_checkpoint
 from model_foundry.config import load_config
 from model_foundry.fixtures import StopAfter
@@ -24,13 +24,13 @@ data: {{source_corpus: {corpus}, batch_size: 8, max_sequence_length: 16}}
 tokenizer: {{kind: char}}
 model: {{architecture: {arch}, layers: 1, embedding_size: 32, attention_heads: 2}}
 training: {{train_steps: {steps}, learning_rate: 3.0e-3, warmup_steps: 5, eval_interval: {every}, eval_batches: 2,
-           checkpoint_interval: {every}, log_interval: 5}}
+           checkpoint_interval: {every}, log_interval: 5, precision: {precision}}}
 """
 
 
-def write_config(tmp_path, name='tiny', steps=40, every=10, arch='gpt2') -> Path:
+def write_config(tmp_path, name='tiny', steps=40, every=10, arch='gpt2', precision='auto') -> Path:
     p = tmp_path/f'{name}.yaml'
-    p.write_text(TINY.format(name=name, corpus=CORPUS, steps=steps, every=every, arch=arch))
+    p.write_text(TINY.format(name=name, corpus=CORPUS, steps=steps, every=every, arch=arch, precision=precision))
     return p
 
 
@@ -132,27 +132,11 @@ def test_gpu_saved_optimizer_state_resumes_on_cpu(tmp_path, cache_dir):
 @pytest.mark.gpu
 def test_checkpoint_written_on_cuda_resumes_on_cpu_for_real(tmp_path, cache_dir):
     if not torch.cuda.is_available(): pytest.skip('needs a CUDA device')
-    cfg = write_config(tmp_path)
-    (tmp_path/'cuda.yaml').write_text(cfg.read_text() + '  precision: fp32\n'.replace('  ', '           ', 0))
-    run = tmp_path/'run'
+    cfg, run = write_config(tmp_path, precision='fp32'), tmp_path/'run'
     with pytest.raises(RunInterrupted): train(load_config(cfg), run, progress=False, callbacks=[StopAfter(20)])
     assert torch.load(run/'checkpoints'/'step-00000020'/'optimizer.pt', weights_only=True, map_location=None)['state'][0]['exp_avg'].is_cuda
     res = foundry('train', cfg, '--run-dir', run, env=dict(CUDA_VISIBLE_DEVICES=''))
     assert res.returncode == 0 and 'continuing at step 21' in res.stderr, res.stderr[-3000:]
-
-
-def wait_until(cond, timeout=120, every=0.001) -> bool:
-    t = time.time() + timeout
-    while time.time() < t:
-        if cond(): return True
-        time.sleep(every)
-    return False
-
-
-def start(cfg, run) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))
-    return subprocess.Popen([str(FOUNDRY), 'train', str(cfg), '--run-dir', str(run)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 def running_as(run, pid) -> bool:
@@ -163,7 +147,7 @@ def running_as(run, pid) -> bool:
 @pytest.mark.slow
 def test_second_trainer_on_a_live_run_directory_is_refused(tmp_path, cache_dir):
     cfg, run = write_config(tmp_path, steps=100_000, every=200), tmp_path/'run'
-    first = start(cfg, run)
+    first = start_train(cfg, run)
     try:
         assert wait_until(lambda: running_as(run, first.pid) and (run/'checkpoints'/'step-00000200'/'COMPLETE').exists())
         metrics = (run/'metrics.jsonl').read_text()
@@ -178,7 +162,7 @@ def test_second_trainer_on_a_live_run_directory_is_refused(tmp_path, cache_dir):
         first.kill(); first.wait()
     # a killed trainer leaves its lock file behind; the next trainer takes it over and resumes
     assert (run/'trainer.lock').read_text().strip() == str(first.pid)
-    third = start(cfg, run)
+    third = start_train(cfg, run)
     assert wait_until(lambda: running_as(run, third.pid))
     assert (run/'trainer.lock').read_text().strip() == str(third.pid) and state(run)['resumed_from'].startswith('step-')
     third.send_signal(signal.SIGTERM)
@@ -217,7 +201,7 @@ def test_disk_full_during_checkpoint_keeps_previous_and_resumes_bit_exact(tmp_pa
     if small_fs is not None:  # a real full disk: a 4 MB tmpfs, filled by this test while the trainer is paused
         print('disk full: real (tmpfs filled while training)')
         run = small_fs/'run'
-        proc = start(cfg, run)
+        proc = start_train(cfg, run)
         assert wait_until(lambda: (run/'checkpoints'/'step-00000020'/'COMPLETE').exists() or proc.poll() is not None)
         proc.send_signal(signal.SIGSTOP)
         kept = {p.name: {f.name: f.read_bytes() for f in p.iterdir()} for p in list_checkpoints(run/'checkpoints')}
