@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['log', 'ACTIVATIONS', 'ConfigError', 'Section', 'DataConfig', 'TokenizerConfig', 'ModelConfig', 'TrainingConfig',
-           'LoggingConfig', 'ExperimentConfig', 'format_validation_error', 'validate_config', 'parse_override',
-           'apply_overrides', 'read_yaml', 'load_config', 'resolve_config', 'config_hash', 'replacing', 'write_atomic',
-           'save_config']
+           'LoggingConfig', 'FinetuneConfig', 'ExperimentConfig', 'format_validation_error', 'validate_config',
+           'parse_override', 'apply_overrides', 'read_yaml', 'load_config', 'resolve_config', 'config_hash',
+           'replacing', 'write_atomic', 'save_config']
 
 # %% ../nbs/00_config.ipynb #9eb6eae4
 import contextlib, errno, hashlib, json, logging, math, os, shutil
@@ -31,19 +31,42 @@ class Section(BaseModel):
 # %% ../nbs/00_config.ipynb #3070edb6
 class DataConfig(Section):
     "Where the text comes from and how it is cut into batches."
-    source_corpus: str = 'python-stdlib'  # a file, a directory, a glob, or 'python-stdlib'
+    source_corpus: str | list[str] = 'python-stdlib'  # a file, directory, glob, 'python-stdlib', .jsonl, .parquet, saved dataset; or a list
     include: list[str] = ['*']            # file-name patterns kept when the source is a directory
+    format: Literal['auto', 'text', 'files', 'jsonl', 'parquet', 'dataset'] = 'auto'  # auto: records by extension, else text
+    text_field: str = 'text'              # records: the field of a text sample (continued pretraining)
+    prompt_field: Optional[str] = None    # records: with completion_field, instruction tuning (loss on completion tokens only)
+    completion_field: Optional[str] = None
+    packing: bool = True                  # samples joined into blocks, none attending to another; False: one padded sample per row
+    fim_rate: float = Field(0.0, ge=0, le=1)      # share of text samples turned into fill-in-the-middle (code)
+    fim_spm_rate: float = Field(0.5, ge=0, le=1)  # share of FIM samples in suffix-prefix-middle order (the rest prefix-suffix-middle)
     batch_size: int = Field(16, gt=0)
     max_sequence_length: int = Field(256, gt=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     cache_dir: Optional[str] = None       # default: $FOUNDRY_CACHE or ~/.cache/model_foundry
 
-# %% ../nbs/00_config.ipynb #4d38a954
+    @model_validator(mode='after')
+    def _prompt_with_completion(self):
+        if (self.prompt_field is None) != (self.completion_field is None):
+            raise ValueError("data.prompt_field and data.completion_field go together: set both (instruction tuning) or neither")
+        if self.format in ('text', 'files') and self.prompt_field:
+            raise ValueError(f"data.prompt_field needs records (format jsonl, parquet or dataset), not format {self.format!r}")
+        if self.format == 'text' and self.fim_rate:
+            raise ValueError("data.fim_rate needs samples: use data.format 'files' (one sample per file) or records")
+        return self
+
+    @property
+    def sources(self) -> list[str]:
+        "`source_corpus` as a list."
+        return [self.source_corpus] if isinstance(self.source_corpus, str) else list(self.source_corpus)
+
+# %% ../nbs/00_config.ipynb #20e43091
 class TokenizerConfig(Section):
     "Which tokenizer: trained on the corpus (char or byte-level BPE) or a saved Hugging Face one."
     kind: Literal['char', 'bpe', 'pretrained'] = 'bpe'
     vocab_size: Optional[int] = Field(4096, gt=1)  # BPE target size; resolved to the real size
-    path: Optional[str] = None                      # a saved Hugging Face tokenizer directory
+    path: Optional[str] = None                      # a saved Hugging Face tokenizer directory (or a Hub id)
+    revision: Optional[str] = None                  # Hub revision when path is a Hub id
 
     @model_validator(mode='after')
     def _path_for_pretrained(self):
@@ -55,13 +78,16 @@ class TokenizerConfig(Section):
 ACTIVATIONS = ('gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu', 'silu')
 
 class ModelConfig(Section):
-    "The transformer's shape. GPT-2 is the default architecture; Llama-style is the second."
-    architecture: Literal['gpt2', 'llama'] = 'gpt2'
+    "The transformer: built from scratch in this shape (GPT-2, Llama or StarCoder2), or a pretrained one."
+    init: Literal['scratch', 'pretrained'] = 'scratch'
+    pretrained: Optional[str] = None      # init pretrained: a local Hugging Face model directory or a Hub id
+    revision: Optional[str] = None        # Hub revision (branch, tag or commit) of `pretrained`
+    architecture: Literal['gpt2', 'llama', 'starcoder2'] = 'gpt2'  # scratch only; a pretrained model brings its own
     layers: int = Field(4, gt=0)
     embedding_size: int = Field(256, gt=0)                       # the width of every layer
     intermediate_hidden_size: Optional[int] = Field(None, gt=0)  # MLP width; default 4 x embedding_size
     attention_heads: int = Field(4, gt=0)
-    activation_function: Optional[Literal[ACTIVATIONS]] = None   # default: gelu for gpt2, silu for llama
+    activation_function: Optional[Literal[ACTIVATIONS]] = None   # default: gelu (gpt2), silu (llama), gelu_pytorch_tanh (starcoder2)
     dropout: float = Field(0.0, ge=0, lt=1)
     attention_dropout: float = Field(0.0, ge=0, lt=1)
     tie_word_embeddings: bool = True
@@ -79,6 +105,8 @@ class ModelConfig(Section):
 
     @model_validator(mode='after')
     def _heads_divide_width(self):
+        if self.init == 'pretrained' and not self.pretrained:
+            raise ValueError("model.pretrained (a model directory or Hub id) is required when model.init is 'pretrained'")
         if self.embedding_size % self.attention_heads:
             raise ValueError(f"model.embedding_size ({self.embedding_size}) must be divisible by model.attention_heads ({self.attention_heads})")
         return self
@@ -90,8 +118,8 @@ class ModelConfig(Section):
 
     @property
     def activation(self) -> str:
-        "The activation: `activation_function`, else the architecture's own (gelu for gpt2, silu for llama)."
-        return self.activation_function or ('silu' if self.architecture == 'llama' else 'gelu')
+        "The activation: `activation_function`, else the architecture's own."
+        return self.activation_function or dict(llama='silu', starcoder2='gelu_pytorch_tanh').get(self.architecture, 'gelu')
 
 # %% ../nbs/00_config.ipynb #e69c51ed
 class TrainingConfig(Section):
@@ -145,6 +173,19 @@ class LoggingConfig(Section):
     sample_prompts: list[str] = []                    # generated at each evaluation (W&B table); default: a slice of val text
 
 # %% ../nbs/00_config.ipynb #6b60718f
+class FinetuneConfig(Section):
+    "How a pretrained model is trained: all its weights, LoRA adapters, or LoRA on a 4-bit base (QLoRA)."
+    method: Literal['full', 'lora', 'qlora'] = 'full'
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Optional[list[str] | Literal['all-linear']] = None  # default: the architecture's attention and MLP projections
+    modules_to_save: list[str] = []       # modules trained in full beside the adapters (e.g. lm_head)
+    quant_type: Literal['nf4', 'fp4'] = 'nf4'            # qlora: the 4-bit data type
+    double_quant: bool = True                            # qlora: quantize the quantization constants too
+    compute_dtype: Literal['auto', 'fp32', 'bf16', 'fp16'] = 'auto'  # qlora: auto is fp32 on CPU, bf16 on CUDA
+
+# %% ../nbs/00_config.ipynb #4f68ead2
 class ExperimentConfig(Section):
     "The whole experiment: the single input of every stage."
     experiment_name: str = Field('default', pattern=r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
@@ -152,8 +193,28 @@ class ExperimentConfig(Section):
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     training: TrainingConfig = TrainingConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode='before')
+    @classmethod
+    def _tokenizer_of_pretrained(cls, d):
+        "A pretrained model brings its tokenizer: `tokenizer` becomes kind pretrained at the model's path."
+        m = d.get('model') if isinstance(d, dict) else None
+        if not isinstance(m, dict) or m.get('init') != 'pretrained' or not m.get('pretrained'): return d
+        tok = dict(d.get('tokenizer') or {})
+        if tok.get('kind', 'pretrained') != 'pretrained':
+            raise ValueError(f"tokenizer.kind {tok['kind']!r} cannot go with model.init 'pretrained': the tokenizer comes from the model")
+        d = dict(d); d['tokenizer'] = dict(tok, kind='pretrained', path=tok.get('path') or m['pretrained'],
+                                           revision=tok.get('revision') or m.get('revision'))
+        return d
+
+    @model_validator(mode='after')
+    def _adapters_need_a_model(self):
+        if self.finetune.method != 'full' and self.model.init != 'pretrained':
+            raise ValueError(f"finetune.method {self.finetune.method!r} adapts a pretrained model: set model.init: pretrained and model.pretrained")
+        return self
 
 # %% ../nbs/00_config.ipynb #0a81809e
 def format_validation_error(err: ValidationError) -> str:

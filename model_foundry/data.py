@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['STDLIB', 'CHUNK_CHARS', 'EOS', 'PREP_VERSION', 'stdlib_files', 'corpus_files', 'CorpusStats', 'read_chunks',
-           'text_status', 'usable_files', 'train_char_tokenizer', 'train_bpe_tokenizer', 'texts_of', 'build_tokenizer',
-           'token_dtype', 'pack_tokens', 'cache_root', 'prep_key', 'PreparedData', 'prepare', 'TokenBlocks',
-           'val_batches', 'DataLoaders']
+           'text_status', 'usable_files', 'train_char_tokenizer', 'train_bpe_tokenizer', 'is_hub_id', 'texts_of',
+           'build_tokenizer', 'token_dtype', 'pack_tokens', 'cache_root', 'prep_key', 'PreparedData', 'prepare',
+           'TokenBlocks', 'val_batches']
 
 # %% ../nbs/01_data.ipynb #37895e8b
-import fnmatch, glob, hashlib, json, os, sysconfig, time
+import fnmatch, glob, hashlib, json, os, re, sysconfig, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -40,8 +40,9 @@ STDLIB = 'python-stdlib'
 def _visible(p: Path, root: Path) -> bool:
     return not any(part.startswith('.') for part in p.relative_to(root).parts)
 
-def corpus_files(source: str, include=('*',)) -> list[Path]:
-    "Resolve `data.source_corpus` to a sorted list of files, or raise a one-line `ConfigError`."
+def corpus_files(source: str | list[str], include=('*',)) -> list[Path]:
+    "Resolve `data.source_corpus` (one source or a list) to a sorted list of files, or raise a one-line `ConfigError`."
+    if not isinstance(source, str): return list(dict.fromkeys(f for s in source for f in corpus_files(s, include)))
     if source == STDLIB: files = stdlib_files()
     elif Path(source).expanduser().is_file(): files = [Path(source).expanduser()]
     elif Path(source).expanduser().is_dir():
@@ -108,17 +109,22 @@ def train_char_tokenizer(texts) -> PreTrainedTokenizerFast:
     return _wrap(tok)
 
 # %% ../nbs/01_data.ipynb #6df4ea29
-def train_bpe_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
-    "A byte-level BPE tokenizer trained on `texts` (an iterable of strings, streamed) to `vocab_size`."
+def train_bpe_tokenizer(texts, vocab_size: int, special_tokens=()) -> PreTrainedTokenizerFast:
+    "A byte-level BPE tokenizer trained on `texts` (an iterable of strings, streamed) to `vocab_size`, with extra `special_tokens`."
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, *special_tokens], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return _wrap(tok)
 
 # %% ../nbs/01_data.ipynb #fff75899
+def is_hub_id(name: str) -> bool:
+    "Whether `name` reads as a Hub repository id (`owner/name`) rather than a local path."
+    return bool(re.fullmatch(r'[A-Za-z0-9][\w.-]*/[\w.-]+', name)) and not Path(name).expanduser().exists()
+
+# %% ../nbs/01_data.ipynb #00130f22
 def texts_of(files: list[Path]) -> Iterator[str]:
     "Stream the text of `files` as chunks (for tokenizer training)."
     for p in files: yield from read_chunks(p)
@@ -127,8 +133,8 @@ def build_tokenizer(cfg: TokenizerConfig, files: list[Path]) -> PreTrainedTokeni
     "Train or load the tokenizer that `cfg` asks for, on `files`."
     if cfg.kind == 'pretrained':
         path = Path(cfg.path).expanduser()
-        if not path.is_dir(): raise ConfigError(f"tokenizer.path: no such tokenizer directory: {cfg.path}")
-        try: tok = AutoTokenizer.from_pretrained(path)
+        if not path.is_dir() and not is_hub_id(cfg.path): raise ConfigError(f"tokenizer.path: no such tokenizer directory: {cfg.path}")
+        try: tok = AutoTokenizer.from_pretrained(path if path.is_dir() else cfg.path, revision=cfg.revision)
         except Exception as e: raise ConfigError(f"tokenizer.path: cannot load a tokenizer from {cfg.path}: {e}".splitlines()[0]) from None
         if tok.eos_token is None: tok.eos_token = EOS
         if tok.pad_token is None: tok.pad_token = tok.eos_token
@@ -267,38 +273,19 @@ class TokenBlocks:
             out[m] = off + perm[pos[m]] * self.block_size
         return out
 
-    def batch(self, start: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        "Inputs and targets, each `[batch_size, block_size]` int64, for samples `start .. start+batch_size-1`."
-        s = self.starts(np.arange(start, start + batch_size))
-        idx = s[:, None] + np.arange(self.block_size + 1)
-        blk = torch.from_numpy(self.tokens[idx].astype(np.int64))
+    def rows(self, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        "Inputs and targets, each `[len(sample_ids), block_size]` int64, of the given global sample indices."
+        s = self.starts(sample_ids)
+        blk = torch.from_numpy(self.tokens[s[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
         return blk[:, :-1], blk[:, 1:]
 
+    def batch(self, start: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        "The rows of samples `start .. start+batch_size-1`."
+        return self.rows(np.arange(start, start + batch_size))
+
 # %% ../nbs/01_data.ipynb #2138251d
-def val_batches(blocks: TokenBlocks, batch_size: int, n_batches: Optional[int] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    "`n_batches` batches (all when None) of blocks spread evenly over the validation split."
+def val_batches(blocks, batch_size: int, n_batches: Optional[int] = None) -> list[tuple]:
+    "`n_batches` batches (all when None) of unshuffled `blocks` (any kind with `rows`) spread evenly over the split."
     total = len(blocks) if n_batches is None else min(len(blocks), n_batches * batch_size)
     ids = np.linspace(0, len(blocks) - 1, total).round().astype(np.int64) if total < len(blocks) else np.arange(len(blocks))
-    out = []
-    for i in range(0, len(ids), batch_size):
-        s = blocks.starts(ids[i:i + batch_size])
-        blk = torch.from_numpy(blocks.tokens[s[:, None] + np.arange(blocks.block_size + 1)].astype(np.int64))
-        out.append((blk[:, :-1], blk[:, 1:]))
-    return out
-
-# %% ../nbs/01_data.ipynb #f1f5828c
-@dataclass
-class DataLoaders:
-    "What the training loop reads: shuffled train blocks and fixed validation batches."
-    prepared: PreparedData
-    train: TokenBlocks
-    valid: list
-    batch_size: int
-
-    @classmethod
-    def from_config(cls, prepared: PreparedData, data: DataConfig, seed: int, eval_batches: Optional[int] = None) -> 'DataLoaders':
-        "Cut `prepared` into train blocks (shuffled by `seed`) and `eval_batches` validation batches."
-        T = data.max_sequence_length
-        train = TokenBlocks(prepared.train, T, seed=seed)
-        valid = val_batches(TokenBlocks(prepared.val, T, shuffle=False), data.batch_size, eval_batches)
-        return cls(prepared, train, valid, data.batch_size)
+    return [blocks.rows(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]

@@ -11,7 +11,8 @@ import contextlib
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
+                          Starcoder2Config, Starcoder2ForCausalLM)
 
 from .config import ConfigError, ModelConfig
 
@@ -27,6 +28,12 @@ def model_config_for(cfg: ModelConfig, vocab_size: int, context_length: int, eos
         return GPT2Config(n_positions=context_length, n_embd=h, n_layer=cfg.layers, n_head=cfg.attention_heads,
                           n_inner=inner, activation_function=cfg.activation,
                           resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.attention_dropout, **common)
+    if cfg.architecture == 'starcoder2':
+        return Starcoder2Config(max_position_embeddings=context_length, hidden_size=h, num_hidden_layers=cfg.layers,
+                                num_attention_heads=cfg.attention_heads, num_key_value_heads=cfg.attention_heads,
+                                intermediate_size=inner, hidden_act=cfg.activation, residual_dropout=cfg.dropout,
+                                embedding_dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, use_bias=True,
+                                sliding_window=None, **common)
     return LlamaConfig(max_position_embeddings=context_length, hidden_size=h, num_hidden_layers=cfg.layers,
                        num_attention_heads=cfg.attention_heads, num_key_value_heads=cfg.attention_heads,
                        intermediate_size=inner, hidden_act=cfg.activation,
@@ -37,7 +44,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, context_length: int, eos_toke
     "A freshly initialised causal LM for `cfg`; weights depend only on `seed` when it is given."
     if seed is not None: torch.manual_seed(seed)
     mc = model_config_for(cfg, vocab_size, context_length, eos_token_id)
-    cls = GPT2LMHeadModel if cfg.architecture == 'gpt2' else LlamaForCausalLM
+    cls = dict(gpt2=GPT2LMHeadModel, llama=LlamaForCausalLM, starcoder2=Starcoder2ForCausalLM)[cfg.architecture]
     return cls(mc)
 
 # %% ../nbs/02_model.ipynb #4f21be25
