@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from .config import ExperimentConfig, resolve_config
-from .data import DataLoaders, PreparedData, TokenBlocks, prepare
+from .data import PreparedData, TokenBlocks, prepare
+from .samples import DataLoaders
 from .loop import Callback, CheckpointCallback, Learner, MetricsLogger, make_optimizer, make_scheduler
 from .model import build_model
 

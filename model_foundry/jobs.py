@@ -17,7 +17,7 @@ import psutil
 
 import model_foundry
 from .config import ConfigError, apply_overrides, load_config, log, replacing, write_atomic
-from .data import prepare
+from .samples import prepare_data
 from .generation import generate
 from .loop import ORDERS, Callback
 from .reports import read_metrics
@@ -260,7 +260,7 @@ def sample_markdown(run_dir, n: int = 2, max_new_tokens: int = 120) -> str:
     run = RunDir(run_dir); cfg = load_config(run.config)
     model, tok = load_run(run.root)
     prompt = cfg.logging.sample_prompts[0] if cfg.logging.sample_prompts else \
-        tok.decode(prepare(cfg.data, cfg.tokenizer, progress=False).val[:16].tolist())
+        tok.decode(prepare_data(cfg.data, cfg.tokenizer, progress=False).val[:16].tolist())
     out = []
     for i in range(n):
         g = generate(model, tok, prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=i)

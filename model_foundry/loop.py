@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['ORDERS', 'EVENTS', 'param_groups', 'make_optimizer', 'WarmupCosine', 'make_scheduler', 'TrainingError', 'Callback',
-           'Learner', 'backward', 'update', 'evaluate', 'eval_due', 'eval_phase', 'one_step', 'fit', 'MetricsLogger',
-           'ProgressBar', 'log_spaced_steps', 'CheckpointCallback', 'restore', 'restore_newest', 'truncate_metrics',
-           'resume']
+           'Learner', 'backward', 'update', 'evaluate', 'eval_due', 'eval_phase', 'one_step', 'fit', 'memory_stats',
+           'MetricsLogger', 'ProgressBar', 'log_spaced_steps', 'CheckpointCallback', 'restore', 'restore_newest',
+           'truncate_metrics', 'resume']
 
 # %% ../nbs/05_loop.ipynb #ad09e028
-import dataclasses, gc, json, math, time
+import dataclasses, gc, json, math, resource, sys, time
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .checkpointing import (TrainerState, checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints,
                                          save_checkpoint, tidy_checkpoints)
 from .config import TrainingConfig, log, replacing
-from .evaluation import evaluate_loss, lm_loss, perplexity
+from .evaluation import IGNORE, evaluate_loss, lm_loss, perplexity
 from .model import autocast_for
 
 # %% ../nbs/05_loop.ipynb #395ed9e0
@@ -105,16 +105,17 @@ def _is_cpu_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 def _accumulate(learn: Learner) -> torch.Tensor:
-    "Forward and backward over the step's micro-batches; the mean loss (a tensor)."
+    "Forward and backward over the step's micro-batches; the step's mean loss over its counted targets (a tensor)."
     mbs, total, s = learn.micro_batch_size, torch.zeros((), device=learn.device), learn.state
-    for _ in range(learn.samples_per_step // mbs):
-        x, y = learn.dls.train.batch(s.samples_seen, mbs)
+    batches = [learn.dls.train.batch(s.samples_seen + i * mbs, mbs) for i in range(learn.samples_per_step // mbs)]
+    counts = [int((b[1] != IGNORE).sum()) for b in batches]  # each micro-batch weighs what it counts: the step's mean is exact
+    for b, n in zip(batches, counts):
         s.samples_seen += mbs
         with autocast_for(learn.device, learn.precision):
-            loss = lm_loss(learn.model, x.to(learn.device, non_blocking=True), y.to(learn.device, non_blocking=True))
-        scaled = loss * (mbs / learn.samples_per_step)
+            loss = lm_loss(learn.model, *(t.to(learn.device, non_blocking=True) for t in b))
+        scaled = loss * (n / max(sum(counts), 1))
         (learn.scaler.scale(scaled) if learn.scaler else scaled).backward()
-        total += loss.detach() * (mbs / learn.samples_per_step)
+        total += scaled.detach()
     return total
 
 def _shrink_micro_batch(learn: Learner, start: int):
@@ -200,6 +201,17 @@ def fit(learn: Learner):
 Learner.fit = fit
 
 # %% ../nbs/05_loop.ipynb #f31aa8d7
+def memory_stats(device: torch.device | str = 'cpu') -> dict:
+    "Peak process RAM in MiB and, on CUDA, allocated / reserved / peak-allocated GPU memory in MiB."
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == 'darwin' else 2**10)
+    d = dict(peak_ram_mb=round(peak, 1))
+    if torch.device(device).type == 'cuda':
+        mb = lambda b: round(b / 2**20, 1)
+        d.update(gpu_allocated_mb=mb(torch.cuda.memory_allocated(device)), gpu_reserved_mb=mb(torch.cuda.memory_reserved(device)),
+                 gpu_peak_allocated_mb=mb(torch.cuda.max_memory_allocated(device)))
+    return d
+
+# %% ../nbs/05_loop.ipynb #50b139d8
 class MetricsLogger(Callback):
     "Append every logged record to `path` (JSON lines); log a `train` record every `every` steps."
     order = ORDERS['MetricsLogger']
@@ -213,7 +225,7 @@ class MetricsLogger(Callback):
         if s.step % self.every == 0 or s.step == l.train_steps:
             l.log(type='train', loss=sum(self.losses) / len(self.losses), lr=l.lr, grad_norm=s.grad_norm,
                   tokens_per_s=len(self.losses) * l.tokens_per_step / max(self.time, 1e-9), samples_seen=s.samples_seen,
-                  epoch=round(l.epoch, 4), elapsed_s=round(time.time() - self.t0, 2))
+                  epoch=round(l.epoch, 4), elapsed_s=round(time.time() - self.t0, 2), **memory_stats(l.device))
             self._reset()
 
     def after_log(self, rec: dict):

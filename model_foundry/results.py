@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 
 from .checkpointing import intact_checkpoints, load_checkpoint
 from .config import ConfigError, load_config, log
-from .data import TokenBlocks, prepare
+from .finetune import finetune_model
+from .samples import prepare_data, split_blocks
 from .evaluation import evaluate_split
 from .generation import generate
 from .model import build_model, load_pretrained, resolve_device, resolve_precision
@@ -49,9 +50,10 @@ def load_run(source, device: torch.device | str = 'cpu'):
             intact = intact_checkpoints(run.checkpoints)
             if not intact: raise ConfigError(f"run {src} has neither a final model nor a complete checkpoint yet")
             cfg, tok = load_config(run.config), AutoTokenizer.from_pretrained(run.tokenizer)
-            model = build_model(cfg.model, cfg.tokenizer.vocab_size, cfg.data.max_sequence_length, tok.eos_token_id)
+            model = (finetune_model(cfg, device) if cfg.model.init == 'pretrained'  # an adapter run's checkpoints hold the adapter
+                     else build_model(cfg.model, cfg.tokenizer.vocab_size, cfg.data.max_sequence_length, tok.eos_token_id))
             load_checkpoint(intact[0], model, restore_rng_state=False)  # legacy checkpoints have no config.json: build from the run's
-            return model.to(device).eval(), tok
+            return (model if cfg.finetune.method == "qlora" else model.to(device)).eval(), tok  # a 4-bit model is placed when loaded
     return load_pretrained(src, device).eval(), AutoTokenizer.from_pretrained(src)
 
 # %% ../nbs/12a_results.ipynb #d150569a
@@ -64,8 +66,8 @@ def evaluate_run(run_dir, suites=(), texts=(), batch_size: Optional[int] = None,
     device = resolve_device(cfg.training.device)
     model, tok = load_run(run.root, device)
     seed_everything(cfg.random_seed)
-    prepared = prepare(cfg.data, cfg.tokenizer, progress=progress, log=log.warning)
-    blocks = TokenBlocks(prepared.val, cfg.data.max_sequence_length, shuffle=False)
+    prepared = prepare_data(cfg.data, cfg.tokenizer, progress=progress, log=log.warning)
+    blocks = split_blocks(prepared, 'val', cfg.data, shuffle=False)
     val = evaluate_split(model, blocks, batch_size or cfg.data.batch_size, None, device, resolve_precision(device, cfg.training.precision))
     out = run.root/'report'
     out.mkdir(parents=True, exist_ok=True)

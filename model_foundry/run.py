@@ -17,14 +17,17 @@ from typing import Literal, Optional, get_args
 
 import numpy as np
 import torch
+from peft import PeftModel
 from transformers.utils import logging as hf_logging
 
-from .checkpointing import checkpoint_name, load_checkpoint
+from .checkpointing import checkpoint_name, load_checkpoint, save_weights
 from .config import ConfigError, ExperimentConfig, config_hash, log, load_config, replacing, resolve_config, save_config, write_atomic
-from .data import DataLoaders, PreparedData, TokenBlocks, prepare
+from .data import PreparedData
+from .finetune import finetune_model, format_report, max_logit_difference, merged_model, parameter_report
+from .samples import DataLoaders, prepare_data, split_blocks
 from .lifecycle import EarlyStopping, NonFiniteGuard, Preemption
 from .loop import CheckpointCallback, Learner, MetricsLogger, ProgressBar, TrainingError, make_optimizer, make_scheduler, resume
-from .model import build_model, count_parameters, resolve_device, resolve_precision
+from .model import build_model, resolve_device, resolve_precision
 from .suites import SuiteCallback, load_suite
 from .tracking import UploadFailed, WandbTracker, artifact_name, new_run_id, publish_final_model, start_wandb
 
@@ -153,9 +156,9 @@ def skip_finished(run: RunDir, cfg: ExperimentConfig, note: str = '') -> Optiona
 # %% ../nbs/12_run.ipynb #cadb6419
 def plan_run(cfg: ExperimentConfig, run: RunDir, progress: bool = True) -> tuple[PreparedData, ExperimentConfig, int]:
     "The prepared data, the resolved config and the number of train blocks; nothing is written to `run`."
-    prepared = prepare(cfg.data, cfg.tokenizer, progress=progress, log=log.warning)
-    train_blocks = len(TokenBlocks(prepared.train, cfg.data.max_sequence_length))
-    TokenBlocks(prepared.val, cfg.data.max_sequence_length, shuffle=False)  # fail early if the val split is too small
+    prepared = prepare_data(cfg.data, cfg.tokenizer, progress=progress, log=log.warning)
+    train_blocks = len(split_blocks(prepared, 'train', cfg.data, cfg.random_seed))
+    split_blocks(prepared, 'val', cfg.data, shuffle=False)  # fail early if the val split is too small
     resolved = resolve_config(cfg, train_blocks, prepared.vocab_size)
     _check_same_config(run, resolved)
     return prepared, resolved, train_blocks
@@ -193,7 +196,8 @@ def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, pr
     t = cfg.training
     device = resolve_device(t.device)
     seed_everything(cfg.random_seed)
-    model = build_model(cfg.model, prepared.vocab_size, cfg.data.max_sequence_length, prepared.tokenizer.eos_token_id).to(device)
+    if cfg.model.init == 'pretrained': model = finetune_model(cfg, device)  # full, LoRA or QLoRA
+    else: model = build_model(cfg.model, prepared.vocab_size, cfg.data.max_sequence_length, prepared.tokenizer.eos_token_id).to(device)
     opt = make_optimizer(model, t, device)
     cbs = [MetricsLogger(run.metrics, t.log_interval),
            CheckpointCallback(run.checkpoints, t.checkpoint_interval, t.keep_checkpoints, t.log_spaced_checkpoints,
@@ -210,11 +214,13 @@ def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, pr
 def start(run: RunDir, learn: Learner, cfg: ExperimentConfig, train_blocks: int, vocab_size: int) -> Optional[Path]:
     "Resume `learn` from the run's checkpoints (if any), say where training starts, and mark the run running."
     ckpt = resume(learn, run.checkpoints, run.metrics)
+    params = parameter_report(learn.model, cfg.finetune)
     if ckpt is not None: log.info(f"resuming {run.root} from {ckpt.name}: continuing at step {learn.state.step + 1} of {learn.train_steps}")
-    else: log.info(f"training {count_parameters(learn.model):,} parameters for {learn.train_steps} steps on {learn.device} "
-                   f"({learn.precision}); {train_blocks:,} train blocks of {cfg.data.max_sequence_length} tokens")
+    else: log.info(f"training {params['trainable']:,} of {params['total']:,} parameters ({cfg.finetune.method if cfg.model.init == 'pretrained' else 'from scratch'}) "
+                   f"for {learn.train_steps} steps on {learn.device} ({learn.precision}); {train_blocks:,} train blocks of "
+                   f"{cfg.data.max_sequence_length} tokens\n{format_report(params)}")
     run.write_state(status='running', config_hash=config_hash(cfg), train_blocks=train_blocks, vocab_size=vocab_size,
-                    resumed_from=ckpt.name if ckpt else None, pid=os.getpid(), error=None)
+                    resumed_from=ckpt.name if ckpt else None, pid=os.getpid(), error=None, parameters=params)
     return ckpt
 
 # %% ../nbs/12_run.ipynb #9701bdff
@@ -230,8 +236,18 @@ def recording_failure(run: RunDir):
         raise
 
 # %% ../nbs/12_run.ipynb #a63ad520
-def export_final(run: RunDir, learn: Learner, tokenizer) -> Path:
-    "Write the best checkpoint's weights (the last model if none was kept) and the tokenizer to final/."
+def _export_adapter(tmp_dir: Path, learn: Learner, cfg: ExperimentConfig) -> dict:
+    "Write the adapter to `tmp_dir/adapter` and the merged model to `tmp_dir`; the merge's measured logit difference."
+    save_weights(learn.model, tmp_dir/'adapter')
+    merged = merged_model(cfg, tmp_dir/'adapter', learn.device)
+    probe = learn.dls.valid[0][0][:4].to(learn.device)
+    diff = max_logit_difference(learn.model, merged, probe)
+    merged.save_pretrained(tmp_dir)
+    return dict(method=cfg.finetune.method, base=cfg.model.pretrained, base_revision=cfg.model.revision,
+                merge_max_abs_logit_diff=diff, merge_probe_tokens=probe.numel())
+
+def export_final(run: RunDir, learn: Learner, tokenizer, cfg: Optional[ExperimentConfig] = None) -> Path:
+    "Write the best checkpoint's model (the last one if none was kept; adapter and merged model for LoRA) and the tokenizer to final/."
     s = learn.state
     best = run.checkpoints/checkpoint_name(s.best_step) if s.best_step is not None else None
     if best is not None and (best/'COMPLETE').is_file(): load_checkpoint(best, learn.model, restore_rng_state=False)
@@ -239,9 +255,11 @@ def export_final(run: RunDir, learn: Learner, tokenizer) -> Path:
     hf_logging.disable_progress_bar()  # transformers' one-shard 'Writing model shards' bar is noise in a training log
     try:
         with replacing(run.final, durable=True) as tmp_dir:
-            learn.model.save_pretrained(tmp_dir)
+            tmp_dir.mkdir()
+            extra = _export_adapter(tmp_dir, learn, cfg) if isinstance(learn.model, PeftModel) else {}
+            if not extra: learn.model.save_pretrained(tmp_dir)
             tokenizer.save_pretrained(tmp_dir)
-            (tmp_dir/'evaluation.json').write_text(json.dumps(dict(best_step=s.best_step, val_loss=s.best_val_loss), indent=1))
+            (tmp_dir/'evaluation.json').write_text(json.dumps(dict(best_step=s.best_step, val_loss=s.best_val_loss, **extra), indent=1))
     finally:
         if bars: hf_logging.enable_progress_bar()
     return run.final
@@ -277,7 +295,7 @@ def finish(run: RunDir, learn: Learner, cfg: ExperimentConfig, tokenizer, wrun=N
         run.write_state(status='failed', error='non-finite loss or gradient norm in a row; see metrics.jsonl', **best)
         raise TrainingError(f'run {run.root} stopped at step {s.step}: {t.nonfinite_patience} non-finite steps in a row '
                             f'(training.nonfinite_action={t.nonfinite_action}); checkpoints kept')
-    export_final(run, learn, tokenizer)
+    export_final(run, learn, tokenizer, cfg)
     state = run.write_state(status='early_stopped' if s.stop_reason == 'early_stopped' else 'completed', **best)
     return publish_run(cfg, run, wrun, state) if wrun is not None else state
 
