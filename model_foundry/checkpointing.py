@@ -109,6 +109,7 @@ ADAPTER_WEIGHTS = 'adapter_model.safetensors'
 
 def save_weights(model, d: Path):
     "The model's trainable state into directory `d`: all weights, or a peft model's adapters with their config."
+    d.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
         save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}, str(d/ADAPTER_WEIGHTS), metadata={'format': 'pt'})
         model.peft_config[model.active_adapter].save_pretrained(str(d))

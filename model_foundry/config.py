@@ -32,7 +32,7 @@ class Section(BaseModel):
 class DataConfig(Section):
     "Where the text comes from and how it is cut into batches."
     source_corpus: str | list[str] = 'python-stdlib'  # a file, directory, glob, 'python-stdlib', .jsonl, .parquet, saved dataset; or a list
-    include: list[str] = ['*']            # file-name patterns kept when the source is a directory
+    include: list[str] = ['*']            # file-name patterns kept from directories and the standard library
     format: Literal['auto', 'text', 'files', 'jsonl', 'parquet', 'dataset'] = 'auto'  # auto: records by extension, else text
     text_field: str = 'text'              # records: the field of a text sample (continued pretraining)
     prompt_field: Optional[str] = None    # records: with completion_field, instruction tuning (loss on completion tokens only)

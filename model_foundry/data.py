@@ -43,7 +43,7 @@ def _visible(p: Path, root: Path) -> bool:
 def corpus_files(source: str | list[str], include=('*',)) -> list[Path]:
     "Resolve `data.source_corpus` (one source or a list) to a sorted list of files, or raise a one-line `ConfigError`."
     if not isinstance(source, str): return list(dict.fromkeys(f for s in source for f in corpus_files(s, include)))
-    if source == STDLIB: files = stdlib_files()
+    if source == STDLIB: files = [p for p in stdlib_files() if any(fnmatch.fnmatch(p.name, pat) for pat in include)]
     elif Path(source).expanduser().is_file(): files = [Path(source).expanduser()]
     elif Path(source).expanduser().is_dir():
         root = Path(source).expanduser()

@@ -91,11 +91,15 @@ def load_base(m: ModelConfig, f: FinetuneConfig, device: torch.device | str = 'c
 def adapt(model: PreTrainedModel, f: FinetuneConfig) -> PeftModel:
     "`model` with LoRA adapters on the modules `f` targets; everything else frozen."
     targets = target_modules(model, f)
-    if f.method == 'qlora': model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if f.method == 'qlora':
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', category=FutureWarning)  # peft asks transformers a deprecated question
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lc = LoraConfig(r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, target_modules=targets,
                     modules_to_save=f.modules_to_save or None, task_type='CAUSAL_LM', fan_in_fan_out=model.config.model_type == 'gpt2')
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*fan_in_fan_out.*')
+        warnings.filterwarnings('ignore', category=FutureWarning)  # peft asks transformers a deprecated question
         return get_peft_model(model, lc)
 
 def finetune_model(cfg: ExperimentConfig, device: torch.device | str = 'cpu') -> PreTrainedModel:
@@ -136,14 +140,17 @@ def format_report(r: dict) -> str:
 def merged_model(cfg: ExperimentConfig, adapter_dir, device: torch.device | str = 'cpu') -> PreTrainedModel:
     "The base of `cfg` (dequantized 4-bit weights for QLoRA) with the adapter in `adapter_dir` merged in."
     base = load_base(cfg.model, cfg.finetune, device)
-    if cfg.finetune.method == 'qlora':
-        with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='.*dequantiz.*')
+    level = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()  # 'modules are dequantized': that is the point
+    try:
+        if cfg.finetune.method == 'qlora':
             base = base.dequantize()
-        base.config.quantization_config = None
-        if hasattr(base, 'hf_quantizer'): base.hf_quantizer = None
-        base.is_quantized = False
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+            base.config.quantization_config = None
+            if hasattr(base, 'hf_quantizer'): base.hf_quantizer = None
+            base.is_quantized = False
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*no longer tied.*')  # modules_to_save=[lm_head] unties it, as it should
+            return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    finally: hf_logging.set_verbosity(level)
 
 @torch.no_grad()
 def max_logit_difference(a, b, x: torch.Tensor) -> float:
