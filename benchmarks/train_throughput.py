@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from model_foundry.config import load_config, resolve_config
-from model_foundry.data import DataLoaders, TokenBlocks, prepare
+from model_foundry.data import TokenBlocks, prepare
+from model_foundry.samples import DataLoaders
 from model_foundry.loop import Learner, one_step, MetricsLogger, ProgressBar, make_optimizer, make_scheduler
 from model_foundry.model import build_model, count_parameters
 

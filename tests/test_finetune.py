@@ -142,6 +142,7 @@ def test_lora_run_resumes_with_optimizer_and_schedule_not_just_adapter(tmp_path,
     assert len(opt['state']) == n_adapter  # moments for exactly the adapter tensors: nothing frozen reached the optimizer
     assert all(s['exp_avg_sq'].abs().sum() > 0 for s in opt['state'].values())
     assert torch.load(ck/'scheduler.pt', weights_only=True)['last_epoch'] == 9
+    ck = Path(shutil.copytree(ck, tmp_path/'step-9'))  # retention removes it once the run goes on
 
     assert train(cfg, tmp_path/'run', progress=False)['status'] == 'completed'
     lrs = lambda r: {x['step']: (x['lr'], x['loss']) for x in records(r, 'train')}
