@@ -2,7 +2,7 @@
 
 The same base (a StarCoder2 made here with `make_base_model`), the same LoRA settings, the same packed
 batches (per-sample position ids), the same AdamW and schedule, in one process. The two loops alternate
-in rounds and each reports its median step time, so machine noise hits both alike. Also printed: the
+step by step; each round reports the median step time of each, and the result is the median over rounds. Also printed: the
 weight memory of the 4-bit base against the fp32 one.
 
     python benchmarks/finetune_throughput.py [--rounds 5] [--steps 20] [--layers 4] [--width 256] [--device cpu]
@@ -89,6 +89,7 @@ def main(argv=None):
     print(f'device {device}, torch threads {torch.get_num_threads()}, base: StarCoder2 {a.layers} layers x {a.width}, batch 8 x 256 tokens')
     fp32 = AutoModelForCausalLM.from_pretrained(base)
     for method in a.methods.split(','):
+        torch.manual_seed(0)
         cfg = config(base, method, str(device), a.steps)
         prepared, resolved, _ = plan_run(cfg, RunDir(tmp/method), progress=False)
         learn = build_learner(resolved, prepared, RunDir(tmp/method), progress=False)
@@ -96,19 +97,20 @@ def main(argv=None):
         learn('before_fit')
         bs, ours, plain, warm = resolved.data.batch_size, [], [], 3
         for r in range(a.rounds + 1):
-            times = []
-            for _ in range(a.steps):  # each step timed from outside, callbacks included
-                t0 = time.perf_counter(); one_step(learn); times.append(time.perf_counter() - t0)
-            pl = plain_steps(model, opt, sched, dev, learn.precision, learn.dls.train, r * a.steps * bs, a.steps, bs, resolved.training.max_grad_norm)
+            times, pl = [], []
+            for i in range(a.steps):  # one step of each in turn, so that machine noise hits both alike
+                t0 = time.perf_counter(); one_step(learn); times.append(time.perf_counter() - t0)  # callbacks included
+                pl += plain_steps(model, opt, sched, dev, learn.precision, learn.dls.train, (r * a.steps + i) * bs, 1, bs,
+                                  resolved.training.max_grad_norm)
             if r == 0: continue  # warm-up round
-            ours.append(statistics.median(times[warm:])); plain.append(statistics.median(pl[warm:]))
+            ours.append(statistics.median(times)); plain.append(statistics.median(pl))
         o, pl = statistics.median(ours), statistics.median(plain)
         rep = parameter_report(learn.model, resolved.finetune)
         tok = bs * resolved.data.max_sequence_length
         print(f'{method:5s}: ours {o*1000:.1f} ms/step ({tok/o:,.0f} tokens/s), plain peft+transformers {pl*1000:.1f} ms/step; '
               f'ours / plain - 1 = {o/pl - 1:+.1%}; {rep["trainable"]:,} trainable of {rep["total"]:,}; precision {learn.precision}')
         if method == 'qlora':
-            stored = lambda m: sum(p.numel() * p.element_size() for p in m.parameters() if not p.requires_grad)
+            stored = lambda m: sum(p.numel() * p.element_size() for n, p in m.named_parameters() if 'lora_' not in n)
             q4, f32 = stored(learn.model), stored(fp32)
             print(f'frozen weight memory: 4-bit base {q4/2**20:.2f} MiB vs fp32 {f32/2**20:.2f} MiB: ratio {q4/f32:.3f} '
                   f'(embeddings and norms stay in {compute_dtype(resolved.finetune, device)}; linear layers alone: 0.5 bytes + scales per weight)')
