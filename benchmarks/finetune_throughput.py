@@ -5,7 +5,10 @@ batches (per-sample position ids), the same AdamW and schedule, in one process. 
 step by step; each round reports the median step time of each, and the result is the median over rounds. Also printed: the
 weight memory of the 4-bit base against the fp32 one.
 
-    python benchmarks/finetune_throughput.py [--rounds 5] [--steps 20] [--layers 4] [--width 256] [--device cpu]
+    python benchmarks/finetune_throughput.py [--rounds 5] [--steps 20] [--layers 4] [--width 256] [--batch 8] [--seq 256] [--device cpu]
+
+On a GPU, a small model at a small batch is bound by kernel launches (the host), and there any host-side
+difference between two loops shows; `--layers 8 --width 2048 --batch 16 --seq 512` keeps the GPU busy.
 """
 import argparse, statistics, sys, tempfile, time
 from pathlib import Path
@@ -26,10 +29,10 @@ FILES = ['heapq.py', 'bisect.py', 'textwrap.py', 'shlex.py', 'fnmatch.py', 'colo
          'glob.py', 'getopt.py', 'calendar.py', 'cmd.py', 'difflib.py', 'argparse.py']
 
 
-def config(base, method, device, steps) -> ExperimentConfig:
+def config(base, method, device, batch=8, seq=256) -> ExperimentConfig:
     return ExperimentConfig.model_validate(dict(
         experiment_name=f'bench-{method}', random_seed=0,
-        data=dict(source_corpus='python-stdlib', include=FILES, format='files', batch_size=8, max_sequence_length=256, val_fraction=0.1),
+        data=dict(source_corpus='python-stdlib', include=FILES, format='files', batch_size=batch, max_sequence_length=seq, val_fraction=0.1),
         model=dict(init='pretrained', pretrained=str(base)),
         finetune=dict(method=method, lora_r=16, lora_alpha=32, lora_dropout=0.05),
         training=dict(train_steps=10**6, learning_rate=1e-3, warmup_steps=10, eval_interval=10**6, checkpoint_interval=10**6,
@@ -59,6 +62,7 @@ def plain_steps(model, opt, sched, dev, precision, blocks, start, n, bs, max_nor
     times = []
     model.train()
     for i in range(n):
+        if dev.type == 'cuda': torch.cuda.synchronize()  # the previous step (of either loop) is not billed to this one
         t = time.perf_counter()
         x, y, pos = (v.to(dev) for v in blocks.batch(start + i * bs, bs))
         with autocast_for(dev, precision):
@@ -79,29 +83,35 @@ def main(argv=None):
     p.add_argument('--layers', type=int, default=4)
     p.add_argument('--width', type=int, default=256)
     p.add_argument('--device', default='auto')
+    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--seq', type=int, default=256)
     p.add_argument('--methods', default='lora,qlora')
     a = p.parse_args(argv)
     device = torch.device('cuda' if a.device == 'auto' and torch.cuda.is_available() else 'cpu' if a.device == 'auto' else a.device)
     tmp = Path(tempfile.mkdtemp())
     texts = [c for f in corpus_files(STDLIB, FILES) for c in read_chunks(f)]
     base = make_base_model('starcoder2', tmp/'base', texts, vocab_size=2048, layers=a.layers, embedding_size=a.width,
-                           attention_heads=max(1, a.width // 64), context_length=256)
-    print(f'device {device}, torch threads {torch.get_num_threads()}, base: StarCoder2 {a.layers} layers x {a.width}, batch 8 x 256 tokens')
+                           attention_heads=max(1, a.width // 64), context_length=max(256, a.seq))
+    print(f'device {device}, torch threads {torch.get_num_threads()}, base: StarCoder2 {a.layers} layers x {a.width}, batch {a.batch} x {a.seq} tokens')
     fp32 = AutoModelForCausalLM.from_pretrained(base)
     for method in a.methods.split(','):
         torch.manual_seed(0)
-        cfg = config(base, method, str(device), a.steps)
+        cfg = config(base, method, str(device), a.batch, a.seq)
         prepared, resolved, _ = plan_run(cfg, RunDir(tmp/method), progress=False)
         learn = build_learner(resolved, prepared, RunDir(tmp/method), progress=False)
         model, opt, sched, dev = plain_model(resolved, device)
         learn('before_fit')
+        sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
         bs, ours, plain, warm = resolved.data.batch_size, [], [], 3
         for r in range(a.rounds + 1):
             times, pl = [], []
-            for i in range(a.steps):  # one step of each in turn, so that machine noise hits both alike
-                t0 = time.perf_counter(); one_step(learn); times.append(time.perf_counter() - t0)  # callbacks included
-                pl += plain_steps(model, opt, sched, dev, learn.precision, learn.dls.train, (r * a.steps + i) * bs, 1, bs,
-                                  resolved.training.max_grad_norm)
+            for i in range(a.steps):  # one step of each in turn (which goes first alternates), so that machine noise hits both alike
+                def mine():  # callbacks included; all of its device work billed to it
+                    sync(); t0 = time.perf_counter(); one_step(learn); sync(); times.append(time.perf_counter() - t0)
+                def theirs():
+                    pl.extend(plain_steps(model, opt, sched, dev, learn.precision, learn.dls.train, (r * a.steps + i) * bs, 1, bs,
+                                          resolved.training.max_grad_norm))
+                for f in ((mine, theirs) if (r + i) % 2 else (theirs, mine)): f()
             if r == 0: continue  # warm-up round
             ours.append(statistics.median(times)); plain.append(statistics.median(pl))
         o, pl = statistics.median(ours), statistics.median(plain)

@@ -132,11 +132,11 @@ def _shrink_micro_batch(learn: Learner, start: int):
     log.warning(f'out of memory at step {step}: retrying with micro-batch {m} x {learn.samples_per_step // m} '
                 f'(same effective batch of {learn.samples_per_step})')
 
-def backward(learn: Learner) -> float:
-    "Gradients of one step's samples, halving the micro-batch on GPU out-of-memory; the step's mean loss."
+def backward(learn: Learner) -> torch.Tensor:
+    "Gradients of one step's samples, halving the micro-batch on GPU out-of-memory; the step's mean loss (a tensor: no sync yet)."
     start = learn.state.samples_seen
     while True:
-        try: return _accumulate(learn).item()
+        try: return _accumulate(learn)
         except torch.OutOfMemoryError: _shrink_micro_batch(learn, start)
         except RuntimeError as e:
             if not _is_cpu_oom(e): raise
@@ -144,11 +144,13 @@ def backward(learn: Learner) -> float:
                                 'lower data.batch_size (and raise training.gradient_accumulation_steps) or the model size') from None
 
 # %% ../nbs/05_loop.ipynb #1ec07e77
-def update(learn: Learner):
-    "Clip, let callbacks veto (`before_opt_step`), step the optimizer (unless vetoed) and the schedule."
+def update(learn: Learner, loss: Optional[torch.Tensor] = None):
+    "Clip, let callbacks veto (`before_opt_step`), step the optimizer (unless vetoed) and the schedule; `loss`: the step's, read with the norm."
     s = learn.state
     if learn.scaler: learn.scaler.unscale_(learn.opt)
-    s.grad_norm = torch.nn.utils.clip_grad_norm_(learn.model.parameters(), learn.max_grad_norm or math.inf).item()
+    norm = torch.nn.utils.clip_grad_norm_(learn.model.parameters(), learn.max_grad_norm or math.inf)
+    if loss is None: s.grad_norm = norm.item()
+    else: s.loss, s.grad_norm = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()
     learn('before_opt_step')
     if s.skip_step:
         if learn.scaler: learn.scaler.update()  # closes the scaler's unscale_/update cycle
@@ -183,9 +185,9 @@ def one_step(learn: Learner):
     s.improved = s.skip_step = False
     learn('before_step')
     learn.model.train()
-    s.loss = backward(learn)
+    loss = backward(learn)
     learn('after_backward')
-    update(learn)
+    update(learn, loss)
     s.step += 1
     s.step_time = time.perf_counter() - t0
     if eval_due(learn): eval_phase(learn)
