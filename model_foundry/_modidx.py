@@ -435,6 +435,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'model_foundry/samples.py'),
                                        'model_foundry.samples.read_records': ('samples.html#read_records', 'model_foundry/samples.py'),
                                        'model_foundry.samples.sample_key': ('samples.html#sample_key', 'model_foundry/samples.py'),
+                                       'model_foundry.samples.source_files': ('samples.html#source_files', 'model_foundry/samples.py'),
                                        'model_foundry.samples.source_format': ('samples.html#source_format', 'model_foundry/samples.py'),
                                        'model_foundry.samples.split_blocks': ('samples.html#split_blocks', 'model_foundry/samples.py'),
                                        'model_foundry.samples.split_samples': ('samples.html#split_samples', 'model_foundry/samples.py'),

@@ -22,6 +22,9 @@ class ConfigError(ValueError):
 
 # %% ../nbs/00_config.ipynb #5906d693
 log = logging.getLogger('model_foundry')
+# bitsandbytes says at import, offline, that it could not fetch an optional bf16 CPU inference kernel from the Hub; we
+# switch that path off (`finetune.load_base`), so the notice is noise on every command's stderr
+logging.getLogger('bitsandbytes.backends.cpu.ops').setLevel(logging.ERROR)
 
 # %% ../nbs/00_config.ipynb #9b49ccb7
 class Section(BaseModel):

@@ -15,6 +15,7 @@ import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from .config import ConfigError, ExperimentConfig, FinetuneConfig, ModelConfig, log, replacing
@@ -45,7 +46,7 @@ DEFAULT_TARGETS = dict(starcoder2=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'c_fc
 
 def linear_names(model) -> list[str]:
     "The distinct leaf names of the model's linear layers (the output head aside): what LoRA can target."
-    kinds = (torch.nn.Linear, bnb.nn.Linear4bit) + tuple(c for c in (getattr(__import__('transformers.pytorch_utils', fromlist=['Conv1D']), 'Conv1D', None),) if c)
+    kinds = (torch.nn.Linear, bnb.nn.Linear4bit, Conv1D)  # Conv1D: GPT-2's linear layers
     return sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds) and n.rsplit('.', 1)[-1] != 'lm_head'})
 
 def target_modules(model, f: FinetuneConfig):
