@@ -101,6 +101,7 @@ def adapt(model: PreTrainedModel, f: FinetuneConfig) -> PeftModel:
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*fan_in_fan_out.*')
         warnings.filterwarnings('ignore', category=FutureWarning)  # peft asks transformers a deprecated question
+        warnings.filterwarnings('ignore', message='.*tie_word_embeddings.*')  # modules_to_save=[lm_head] unties the head: wanted
         return get_peft_model(model, lc)
 
 def finetune_model(cfg: ExperimentConfig, device: torch.device | str = 'cpu') -> PreTrainedModel:
@@ -149,7 +150,8 @@ def merged_model(cfg: ExperimentConfig, adapter_dir, device: torch.device | str 
             if hasattr(base, 'hf_quantizer'): base.hf_quantizer = None
             base.is_quantized = False
         with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='.*no longer tied.*')  # modules_to_save=[lm_head] unties it, as it should
+            warnings.filterwarnings('ignore', message='.*(no longer tied|tie_word_embeddings).*')  # modules_to_save=[lm_head] unties it, as it should
+            warnings.filterwarnings('ignore', category=FutureWarning)
             return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     finally: hf_logging.set_verbosity(level)
 

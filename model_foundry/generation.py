@@ -96,8 +96,9 @@ def cache_of(res):
 
 # %% ../nbs/08_generation.ipynb #ac7e9d01
 def cache_kwarg(model) -> str:
-    "The name under which `model.forward` takes a KV cache."
-    return 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
+    "The name under which `model.forward` takes a KV cache (a peft model passes it on to its base model's)."
+    base = model.get_base_model() if hasattr(model, 'get_base_model') else model
+    return 'cache' if 'cache' in inspect.signature(base.forward).parameters else 'past_key_values'
 
 # %% ../nbs/08_generation.ipynb #6fd210ca
 def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float], repetition_penalty: float):
