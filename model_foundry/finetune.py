@@ -81,7 +81,9 @@ def load_base(m: ModelConfig, f: FinetuneConfig, device: torch.device | str = 'c
             load_in_4bit=True, bnb_4bit_quant_type=f.quant_type, bnb_4bit_use_double_quant=f.double_quant, bnb_4bit_compute_dtype=kw['dtype']))
     bars = hf_logging.is_progress_bar_enabled(); hf_logging.disable_progress_bar()
     try: model = AutoModelForCausalLM.from_pretrained(src if src.is_dir() else m.pretrained, **kw)
-    except Exception as e: raise ConfigError(f"model.pretrained: cannot load {m.pretrained}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:
+        what = '' if src.is_dir() else ' (no such local directory; tried as a Hugging Face Hub id)'
+        raise ConfigError(f"model.pretrained: cannot load {m.pretrained}{what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     finally:
         if bars: hf_logging.enable_progress_bar()
     for mod in model.modules():
