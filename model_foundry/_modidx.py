@@ -17,6 +17,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                               'model_foundry/checkpointing.py'),
                                              'model_foundry.checkpointing.intact_checkpoints': ( 'checkpointing.html#intact_checkpoints',
                                                                                                  'model_foundry/checkpointing.py'),
+                                             'model_foundry.checkpointing.is_adapter_model': ( 'checkpointing.html#is_adapter_model',
+                                                                                               'model_foundry/checkpointing.py'),
                                              'model_foundry.checkpointing.is_legacy': ( 'checkpointing.html#is_legacy',
                                                                                         'model_foundry/checkpointing.py'),
                                              'model_foundry.checkpointing.list_checkpoints': ( 'checkpointing.html#list_checkpoints',

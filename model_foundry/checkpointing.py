@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'StopReason', 'CKPT_RE', 'MANIFEST', 'COMPLETE', 'QUARANTINE', 'ADAPTER_WEIGHTS', 'capture_rng',
-           'restore_rng', 'TrainerState', 'checkpoint_name', 'sha256_file', 'write_manifest', 'save_weights',
-           'load_weights', 'save_checkpoint', 'checkpoint_dirs', 'list_checkpoints', 'read_trainer_state', 'is_legacy',
-           'verify_checkpoint', 'quarantine', 'tidy_checkpoints', 'intact_checkpoints', 'load_checkpoint',
-           'prune_checkpoints']
+           'restore_rng', 'TrainerState', 'checkpoint_name', 'sha256_file', 'write_manifest', 'is_adapter_model',
+           'save_weights', 'load_weights', 'save_checkpoint', 'checkpoint_dirs', 'list_checkpoints',
+           'read_trainer_state', 'is_legacy', 'verify_checkpoint', 'quarantine', 'tidy_checkpoints',
+           'intact_checkpoints', 'load_checkpoint', 'prune_checkpoints']
 
 # %% ../nbs/04_checkpointing.ipynb #d5c0da17
 import dataclasses, hashlib, json, random, re, shutil, time
@@ -17,7 +17,6 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .config import log, replacing
@@ -107,20 +106,25 @@ def write_manifest(d: Path) -> dict:
 # %% ../nbs/04_checkpointing.ipynb #071d5bb4
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'
 
+def is_adapter_model(model) -> bool:
+    "Whether `model` is a peft model (LoRA, QLoRA): its checkpoints hold the adapter alone."
+    return type(model).__module__.split('.')[0] == 'peft'  # no peft import: it costs seconds, paid only by adapter runs
+
 def save_weights(model, d: Path):
     "The model's trainable state into directory `d`: all weights, or a peft model's adapters with their config."
     d.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, PeftModel):
+    if is_adapter_model(model):
+        from peft import get_peft_model_state_dict
         save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}, str(d/ADAPTER_WEIGHTS), metadata={'format': 'pt'})
         model.peft_config[model.active_adapter].save_pretrained(str(d))
     else: save_model(model, str(d/'model.safetensors'))
 
 def load_weights(model, d: Path, device):
     "Load what `save_weights` wrote in `d` into `model` (strict: a missing or unexpected adapter tensor is an error)."
-    if not isinstance(model, PeftModel): return load_model(model, str(d/'model.safetensors'), device=str(device))  # knows tied weights
+    if not is_adapter_model(model): return load_model(model, str(d/'model.safetensors'), device=str(device))  # knows tied weights
     if not (d/ADAPTER_WEIGHTS).is_file(): raise ValueError(f'{d} holds no adapter ({ADAPTER_WEIGHTS}); it is not a checkpoint of this adapter run')
-    sd = load_file(str(d/ADAPTER_WEIGHTS), device=str(device))
-    res = set_peft_model_state_dict(model, sd)
+    from peft import set_peft_model_state_dict
+    res = set_peft_model_state_dict(model, load_file(str(d/ADAPTER_WEIGHTS), device=str(device)))
     missing = [k for k in res.missing_keys if 'lora_' in k or 'modules_to_save' in k]
     if res.unexpected_keys or missing: raise ValueError(f'adapter in {d} does not fit the model: unexpected {res.unexpected_keys[:3]}, missing {missing[:3]}')
 

@@ -11,9 +11,7 @@ import math, warnings
 from pathlib import Path
 from typing import Optional
 
-import bitsandbytes as bnb
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
@@ -46,8 +44,8 @@ DEFAULT_TARGETS = dict(starcoder2=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'c_fc
 
 def linear_names(model) -> list[str]:
     "The distinct leaf names of the model's linear layers (the output head aside): what LoRA can target."
-    kinds = (torch.nn.Linear, bnb.nn.Linear4bit, Conv1D)  # Conv1D: GPT-2's linear layers
-    return sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds) and n.rsplit('.', 1)[-1] != 'lm_head'})
+    linear = lambda m: isinstance(m, (torch.nn.Linear, Conv1D)) or type(m).__name__ == 'Linear4bit'  # Conv1D: GPT-2's; Linear4bit: bitsandbytes'
+    return sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if linear(m) and n.rsplit('.', 1)[-1] != 'lm_head'})
 
 def target_modules(model, f: FinetuneConfig):
     "The LoRA targets of `f` for `model` (its architecture's default when unset), each checked to match a module."
@@ -87,12 +85,13 @@ def load_base(m: ModelConfig, f: FinetuneConfig, device: torch.device | str = 'c
     finally:
         if bars: hf_logging.enable_progress_bar()
     for mod in model.modules():
-        if isinstance(mod, bnb.nn.Linear4bit): mod.support_avx512bf16_for_cpu = False  # one fp32 path in train and eval
+        if type(mod).__name__ == 'Linear4bit': mod.support_avx512bf16_for_cpu = False  # one fp32 path in train and eval
     return model if quantized else model.to(device)
 
 # %% ../nbs/02a_finetune.ipynb #a21c143a
-def adapt(model: PreTrainedModel, f: FinetuneConfig) -> PeftModel:
-    "`model` with LoRA adapters on the modules `f` targets; everything else frozen."
+def adapt(model: PreTrainedModel, f: FinetuneConfig):
+    "`model` with LoRA adapters on the modules `f` targets (a `PeftModel`); everything else frozen."
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # peft (and bitsandbytes) take seconds to import: adapter runs only
     targets = target_modules(model, f)
     if f.method == 'qlora':
         with warnings.catch_warnings():
@@ -154,6 +153,7 @@ def merged_model(cfg: ExperimentConfig, adapter_dir, device: torch.device | str 
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='.*(no longer tied|tie_word_embeddings).*')  # modules_to_save=[lm_head] unties it, as it should
             warnings.filterwarnings('ignore', category=FutureWarning)
+            from peft import PeftModel
             return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     finally: hf_logging.set_verbosity(level)
 

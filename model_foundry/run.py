@@ -17,10 +17,9 @@ from typing import Literal, Optional, get_args
 
 import numpy as np
 import torch
-from peft import PeftModel
 from transformers.utils import logging as hf_logging
 
-from .checkpointing import checkpoint_name, load_checkpoint, save_weights
+from .checkpointing import checkpoint_name, is_adapter_model, load_checkpoint, save_weights
 from .config import ConfigError, ExperimentConfig, config_hash, log, load_config, replacing, resolve_config, save_config, write_atomic
 from .data import PreparedData
 from .finetune import finetune_model, format_report, max_logit_difference, merged_model, parameter_report
@@ -256,7 +255,7 @@ def export_final(run: RunDir, learn: Learner, tokenizer, cfg: Optional[Experimen
     try:
         with replacing(run.final, durable=True) as tmp_dir:
             tmp_dir.mkdir()
-            extra = _export_adapter(tmp_dir, learn, cfg) if isinstance(learn.model, PeftModel) else {}
+            extra = _export_adapter(tmp_dir, learn, cfg) if is_adapter_model(learn.model) else {}
             if not extra: learn.model.save_pretrained(tmp_dir)
             tokenizer.save_pretrained(tmp_dir)
             (tmp_dir/'evaluation.json').write_text(json.dumps(dict(best_step=s.best_step, val_loss=s.best_val_loss, **extra), indent=1))

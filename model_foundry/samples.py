@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import datasets
 import numpy as np
 import torch
 
@@ -44,8 +43,9 @@ def source_files(data: DataConfig, fmt: str) -> list[Path]:
         if not Path(src).expanduser().is_dir(): raise ConfigError(f"data.source_corpus: no such dataset directory: {src}")
     return [f for src in data.sources for f in sorted(Path(src).expanduser().rglob('*')) if f.is_file()]
 
-def _load_records(data: DataConfig, fmt: str, files: list[Path]) -> datasets.Dataset:
+def _load_records(data: DataConfig, fmt: str, files: list[Path]):
     "The records of `data`'s sources as one `datasets.Dataset`."
+    import datasets  # a second to import: paid by record sources only
     datasets.disable_progress_bars()
     if fmt == 'dataset':
         parts = []
