@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['cmd_prepare', 'cmd_train', 'cmd_eval', 'cmd_upload', 'cmd_generate', 'cmd_job_train', 'cmd_job_evaluate', 'cmd_sweep',
-           'cmd_make_base', 'build_parser', 'main']
+           'cmd_make_base', 'corpus_overrides', 'cmd_corpus', 'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #ec33a2f5
 import argparse, logging, sys
@@ -14,7 +14,8 @@ import yaml
 
 from transformers.utils import logging as hf_logging
 
-from .config import ConfigError, load_config, log
+from .config import ConfigError, load_config, log, parse_override
+from .corpus import build_corpus, corpus_settings, search_corpus
 from .data import corpus_files, read_chunks, usable_files
 from .finetune import make_base_model
 from .samples import prepare_data
@@ -184,6 +185,43 @@ def cmd_make_base(args) -> int:
     print(f"{args.architecture} base model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
 
+# %% ../nbs/14_cli.ipynb #55c9892c
+def corpus_overrides(args) -> dict:
+    "The corpus settings given on the command line (flags and --set)."
+    kw = {}
+    for item in args.set:
+        path, value = parse_override(item)
+        if len(path) != 1: raise ConfigError(f"--set {item!r}: corpus settings have no sections; use KEY=VALUE")
+        kw[path[0]] = value
+    if args.ref: kw['ref'] = args.ref
+    if args.no_embed: kw['embed'] = False
+    if args.suite: kw['suites'] = args.suite
+    if args.base_model: kw['base_model'] = args.base_model
+    return kw
+
+def cmd_corpus(args) -> int:
+    "foundry corpus REPO... --out DIR | foundry corpus search DIR QUERY."
+    if args.repo[0] == 'search' and not args.out:
+        if len(args.repo) != 3: raise ConfigError('usage: foundry corpus search DIR QUERY [-k N]')
+        hits = search_corpus(args.repo[1], args.repo[2], k=args.k)
+        for i, h in enumerate(hits, 1):
+            print(f"{i:>2}. {h['score']:.3f}  {h['path']}:{h['start_line']}-{h['end_line']}  {h['name'] or h['kind']} [{h['split']}]")
+        return 0
+    if not args.out: raise ConfigError('foundry corpus: --out DIR is required (where the corpus is written)')
+    m = build_corpus(args.repo, args.out, corpus_settings(**corpus_overrides(args)), progress=None if not args.quiet else False,
+                     log=lambda msg: print(msg, file=sys.stderr))
+    ph = m['phases']
+    print(f"files: {ph['files']['kept']:,} kept of {ph['files']['total']:,}"
+          + ''.join(f"; {n} {r}" for r, n in ph['files']['dropped'].items()))
+    print(f"split: {ph['split'].get('train', 0):,} train, {ph['split'].get('validation', 0):,} validation files; "
+          f"tokens: {ph['tokens']['total']:,} ({ph['tokens']['tokenizer']})")
+    if ph['clean']['redactions']: print('redacted: ' + ', '.join(f'{n} {k}' for k, n in ph['clean']['redactions'].items()))
+    if ph['index']: print(f"index: {ph['index']['chunks']:,} chunks; {len(ph['index']['near_duplicates'])} near-duplicate pairs; "
+                          f"{len(ph['index']['contamination'])} contaminated chunk pairs")
+    for c, e in ph['configs'].items(): print(f"{c}: {e['train_steps']:,} steps ({e['epochs']} epochs of {e['steps_per_epoch']:,})")
+    print(f"manifest: {Path(args.out)/'manifest.json'}")
+    return 0
+
 # %% ../nbs/14_cli.ipynb #44097b4e
 def build_parser() -> argparse.ArgumentParser:
     "The `foundry` argument parser."
@@ -196,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, default in (('vocab-size', 512), ('layers', 2), ('embedding-size', 64), ('heads', 4), ('context-length', 512), ('seed', 0)):
         s.add_argument(f'--{name}', type=int, default=default)
     s.set_defaults(func=cmd_make_base)
+
+    s = sub.add_parser('corpus', help='build a training corpus from git repositories (REPO... --out DIR), or search one (search DIR QUERY)')
+    s.add_argument('repo', nargs='+', help='local git repositories (bare or not); or: search DIR QUERY')
+    s.add_argument('--out', help='the corpus directory to write (or bring up to date)')
+    s.add_argument('--ref', help='the tree the files come from (default HEAD)')
+    s.add_argument('--suite', action='append', default=[], help='a behavioural suite whose prompts training code must not copy (repeatable)')
+    s.add_argument('--base-model', help='the model the fine-tuning configs adapt (default bigcode/starcoder2-3b)')
+    s.add_argument('--no-embed', action='store_true', help='skip the embeddings index (no search, no decontamination)')
+    s.add_argument('-k', type=int, default=5, help='search: how many chunks to show')
+    s.add_argument('--quiet', action='store_true', help='no progress bars')
+    s.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='any corpus setting, e.g. val_fraction=0.2 (repeatable)')
+    s.set_defaults(func=cmd_corpus)
 
     s = sub.add_parser('prepare', help='tokenize and pack the corpus of CONFIG (cached)')
     s.add_argument('config'); _set_arg(s)

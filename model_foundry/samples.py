@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['RECORD_SUFFIXES', 'SAVED_DATASET', 'FIM_TOKENS', 'PREFIX', 'SUFFIX', 'MIDDLE', 'source_format', 'source_files',
-           'read_records', 'sample_key', 'split_samples', 'fim_token_ids', 'fim_pieces', 'Samples', 'tokenize_samples',
-           'PreparedSamples', 'prepare_samples', 'SampleBlocks', 'prepare_data', 'split_blocks', 'DataLoaders']
+           'read_records', 'sample_key', 'split_samples', 'corpus_split_of', 'split_records', 'fim_token_ids',
+           'fim_pieces', 'Samples', 'tokenize_samples', 'PreparedSamples', 'prepare_samples', 'SampleBlocks',
+           'prepare_data', 'split_blocks', 'DataLoaders']
 
 # %% ../nbs/01a_samples.ipynb #3a802bb3
 import hashlib, json, time
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig, TokenizerConfig, replacing
-from .data import (CorpusStats, PreparedData, TokenBlocks, build_tokenizer, cache_root, corpus_files, prep_key, prepare,
-                                token_dtype, train_bpe_tokenizer, train_char_tokenizer, usable_files, val_batches)
+from .data import (CORPUS_SPLITS, CorpusStats, PreparedData, TokenBlocks, build_tokenizer, cache_root, corpus_files,
+                                is_corpus_dir, prep_key, prepare, token_dtype, train_bpe_tokenizer, train_char_tokenizer, usable_files,
+                                val_batches)
 
 # %% ../nbs/01a_samples.ipynb #56f43d05
 RECORD_SUFFIXES = {'.jsonl': 'jsonl', '.json': 'jsonl', '.parquet': 'parquet'}
@@ -30,6 +32,7 @@ def source_format(data: DataConfig) -> str:
     first = Path(data.sources[0]).expanduser()
     if first.suffix in RECORD_SUFFIXES: return RECORD_SUFFIXES[first.suffix]
     if first.is_dir() and any((first/f).is_file() for f in SAVED_DATASET): return 'dataset'
+    if is_corpus_dir(first): return 'files'  # a `foundry corpus` directory: whole files, in its own train/validation split
     return 'files' if data.fim_rate else 'text'
 
 # %% ../nbs/01a_samples.ipynb #966e8909
@@ -87,6 +90,24 @@ def split_samples(records: list[dict], val_fraction: float) -> tuple[list[dict],
     n_val = min(max(n_val, 1), len(keyed) - 1)
     if len(keyed) < 2: raise ConfigError(f"data: {len(keyed)} sample(s); a train and a validation split need at least 2")
     return keyed[n_val:], keyed[:n_val]
+
+# %% ../nbs/01a_samples.ipynb #f123bf8e
+def corpus_split_of(path: Path) -> Optional[str]:
+    "'train' or 'validation' for a file inside a `foundry corpus` directory's split folder, else None."
+    for parent in Path(path).parents:
+        if parent.name in CORPUS_SPLITS and is_corpus_dir(parent.parent): return parent.name
+    return None
+
+def split_records(records: list[dict], files: list[Path], val_fraction: float) -> tuple[list[dict], list[dict]]:
+    "(train, val) of `records` read from `files` (one each): a corpus directory's own split, the rest by `split_samples`."
+    split = [corpus_split_of(f) for f in files]
+    if not any(split): return split_samples(records, val_fraction)
+    fixed = {s: [r for r, x in zip(records, split) if x == s] for s in CORPUS_SPLITS}
+    rest = [r for r, x in zip(records, split) if x is None]
+    tr, va = split_samples(rest, val_fraction) if len(rest) > 1 else (rest, [])
+    train, val = sorted(fixed['train'] + tr, key=sample_key), sorted(fixed['validation'] + va, key=sample_key)
+    if not train or not val: raise ConfigError(f"data: the corpus directory has {len(train)} train and {len(val)} validation files; both are needed")
+    return train, val
 
 # %% ../nbs/01a_samples.ipynb #ff2bb6f6
 FIM_TOKENS = (('<fim_prefix>', '<fim_suffix>', '<fim_middle>'), ('<|fim_prefix|>', '<|fim_suffix|>', '<|fim_middle|>'))
@@ -174,7 +195,7 @@ def prepare_samples(data: DataConfig, tok_cfg: TokenizerConfig, fmt: str, log=pr
     out = cache_root(data)/'datasets'/key
     if (out/'meta.json').exists(): return PreparedSamples.load(out)  # a cache hit reads no record
     t0, records = time.time(), read_records(data, fmt, files)
-    train, val = split_samples(records, data.val_fraction)
+    train, val = split_records(records, usable_files(files) if fmt == 'files' else [], data.val_fraction)
     tokenizer = _tokenizer_for(tok_cfg, [t for r in records for t in r.values()])
     tr, va = tokenize_samples(train, tokenizer, data), tokenize_samples(val, tokenizer, data)
     with replacing(out) as tmp:
