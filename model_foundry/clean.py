@@ -214,6 +214,13 @@ def _ds_kind(types: set) -> str:
     kinds = {_DS_KINDS.get(t) or re.sub(r'[^a-z0-9]+', '_', t.lower()).strip('_') for t in types}
     return min(kinds, key=lambda k: (k in ('high_entropy', 'password'), k == 'high_entropy', k))  # most specific first
 
+_DIGEST_WORDS = re.compile(r'(?i)hash|sha\d*|digest|checksum|commit|revision|etag')
+
+def _digest(s, line: str) -> bool:
+    "A hex string on a line that names it a hash, commit or checksum: published, not secret (a hex `key` stays a secret)."
+    return (s.type == 'Hex High Entropy String' and re.fullmatch(r'[0-9a-fA-F]+', s.secret_value) is not None
+            and _DIGEST_WORDS.search(line) is not None)
+
 def _detect_secrets(text: str, path: str, counts: dict) -> str:
     "`text` with the values detect-secrets finds on candidate lines replaced by '<SECRET>'; `counts` gains them per kind."
     lines = text.split('\n')
@@ -225,7 +232,7 @@ def _detect_secrets(text: str, path: str, counts: dict) -> str:
         for _ in range(5):  # rescans of changed lines; in practice one suffices
             found, changed = {}, set()
             for s in _process_line_based_plugins([(j + 1, lines[i]) for j, i in enumerate(todo)], path or 'text'):
-                if s.type != 'Private Key' and s.secret_value and len(s.secret_value) >= 6:
+                if s.type != 'Private Key' and s.secret_value and len(s.secret_value) >= 6 and not _digest(s, lines[todo[s.line_number - 1]]):
                     found.setdefault(todo[s.line_number - 1], {}).setdefault(s.secret_value, set()).add(s.type)
             for i, vals in found.items():
                 for v in sorted(vals, key=lambda v: (-len(v), v)):  # longest first: a value inside another goes with it

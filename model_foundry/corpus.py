@@ -6,9 +6,9 @@ configs that train on them, with a manifest that records every decision. Determi
 
 # %% auto #0
 __all__ = ['CODE_LANGUAGES', 'MANIFEST_KIND', 'PHASES', 'CorpusSettings', 'corpus_settings', 'fingerprint', 'Phases',
-           'repo_heads', 'open_repos', 'decide_files', 'file_id', 'clean_files', 'cleaned_text', 'split_of',
-           'assign_splits', 'suite_prompts', 'build_index', 'write_splits', 'write_history', 'percentiles',
-           'token_histogram', 'count_tokens', 'model_parameters', 'training_estimate', 'language_globs',
+           'repo_heads', 'open_repos', 'decide_files', 'file_id', 'notebook_script', 'clean_name', 'clean_files',
+           'cleaned_text', 'split_of', 'assign_splits', 'suite_prompts', 'build_index', 'write_splits', 'write_history',
+           'percentiles', 'token_histogram', 'count_tokens', 'model_parameters', 'training_estimate', 'language_globs',
            'main_languages', 'corpus_configs', 'versions', 'build_corpus', 'read_manifest', 'search_corpus']
 
 # %% ../nbs/01e_corpus.ipynb #24a6f699
@@ -125,20 +125,56 @@ def decide_files(repos, s: CorpusSettings, progress: bool = False) -> list[dict]
 def file_id(rec: dict) -> str: return f"{rec['repo']}/{rec['path']}"
 
 # %% ../nbs/01e_corpus.ipynb #b58781f7
+def notebook_script(text: str) -> Optional[str]:
+    "A Python Jupyter notebook as a percent-format script (code cells as code, markdown as comments); None if it is not one."
+    try: nb = json.loads(text); cells = nb['cells']; meta = nb.get('metadata') or {}
+    except (ValueError, KeyError, TypeError, AttributeError): return None
+    lang = (meta.get('kernelspec') or {}).get('language') or (meta.get('language_info') or {}).get('name') or 'python'
+    if lang.lower() != 'python' or not isinstance(cells, list): return None
+    out = []
+    for c in cells:
+        src = c.get('source', '') if isinstance(c, dict) else ''
+        src = ''.join(src) if isinstance(src, list) else str(src)
+        if not src.strip(): continue
+        if c.get('cell_type') == 'code': out.append('# %%\n' + src.rstrip('\n'))
+        elif c.get('cell_type') == 'markdown': out.append('# %% [markdown]\n' + '\n'.join(f'# {l}'.rstrip() for l in src.splitlines()))
+    return '\n\n'.join(out) + '\n' if out else None
+
+# %% ../nbs/01e_corpus.ipynb #47e8ef64
+def _clean_one(text: str, path: str, redacting: bool) -> dict:
+    "The cleaned form of one file: a notebook's script, secrets and e-mail addresses replaced."
+    script = notebook_script(text) if path.endswith('.ipynb') else None
+    text, found = redact(script or text, path) if redacting else (script or text, {})
+    return dict(text=text, redactions=dict(sorted(found.items())), script=script is not None)
+
+def _clean_many(items: list[tuple], progress: bool) -> list[dict]:
+    "`_clean_one` over (text, path, redacting) items, in one process per core when there are many (each file alone)."
+    from tqdm.auto import tqdm
+    workers = min(len(os.sched_getaffinity(0)), 8)
+    bar = lambda it: tqdm(it, total=len(items), desc='cleaning', disable=not progress, leave=False)
+    if workers < 2 or len(items) < 64: return [_clean_one(*x) for x in bar(items)]
+    import multiprocessing as mp
+    with mp.get_context('fork').Pool(workers) as pool: return list(bar(pool.imap(_star_clean, items, chunksize=8)))
+
+def _star_clean(x): return _clean_one(*x)
+
+def clean_name(rec: dict, s: CorpusSettings) -> str:
+    "Where a file's cleaned form is kept: by blob, path (cleaning depends on the file type) and setting; a rebuild reuses it."
+    return f"{rec['sha']}-{hashlib.sha1(rec['path'].encode()).hexdigest()[:10]}-{int(s.redact)}.json"
+
 def clean_files(repos, files: list[dict], s: CorpusSettings, texts_dir: Path, progress: bool = False) -> dict:
     "Redact the kept files (texts stored by content under `texts_dir`), then drop exact and near duplicates; counts."
-    from tqdm.auto import tqdm
     by_name, texts, counts = dict(repos), {}, Counter()
     texts_dir.mkdir(parents=True, exist_ok=True)
-    for r in tqdm([r for r in files if r['kept']], desc='cleaning', disable=not progress, leave=False):
-        cache = texts_dir/f"{r['sha']}-{int(s.redact)}.json"  # a blob is cleaned once per setting
-        if cache.is_file(): c = json.loads(cache.read_text())
-        else:
-            text = by_name[r['repo']][r['sha']].data.decode('utf-8')
-            text, found = redact(text, r['path']) if s.redact else (text, {})
-            c = dict(text=text, redactions=dict(sorted(found.items())))
-            write_atomic(cache, json.dumps(c, sort_keys=True))
+    kept = [r for r in files if r['kept']]
+    cache = lambda r: texts_dir/clean_name(r, s)
+    todo = sorted({clean_name(r, s): r for r in kept if not cache(r).is_file()}.values(), key=lambda r: clean_name(r, s))
+    for r, c in zip(todo, _clean_many([(by_name[r['repo']][r['sha']].data.decode('utf-8'), r['path'], s.redact) for r in todo], progress)):
+        write_atomic(cache(r), json.dumps(c, sort_keys=True))
+    for r in kept:
+        c = json.loads(cache(r).read_text())
         r['text_sha'], texts[file_id(r)] = hashlib.sha256(c['text'].encode()).hexdigest(), c['text']
+        if c['script']: r.update(language='Python', written_as=r['path'] + '.py')
         if c['redactions']: r['redactions'] = c['redactions']; counts.update(c['redactions'])
     exact = exact_duplicates(texts)
     near = near_dedup({k: v for k, v in texts.items() if k not in exact}, s.near_dup_threshold)
@@ -150,7 +186,7 @@ def clean_files(repos, files: list[dict], s: CorpusSettings, texts_dir: Path, pr
 
 def cleaned_text(texts_dir: Path, rec: dict, s: CorpusSettings) -> str:
     "The cleaned text of a kept file record."
-    return json.loads((Path(texts_dir)/f"{rec['sha']}-{int(s.redact)}.json").read_text())['text']
+    return json.loads((Path(texts_dir)/clean_name(rec, s)).read_text())['text']
 
 # %% ../nbs/01e_corpus.ipynb #0ee33739
 def split_of(text_sha: str, val_fraction: float) -> str:
@@ -200,9 +236,9 @@ def write_splits(out: Path, files: list[dict], texts_dir: Path, s: CorpusSetting
         with replacing(out/split) as tmp:
             tmp.mkdir()
             for r in rows:
-                p = tmp/r['repo']/r['path']; p.parent.mkdir(parents=True, exist_ok=True)
+                p = tmp/r['repo']/r.get('written_as', r['path']); p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_text(cleaned_text(texts_dir, r, s), encoding='utf-8')
-        stats[split] = dict(files=len(rows), bytes=sum((out/split/r['repo']/r['path']).stat().st_size for r in rows))
+        stats[split] = dict(files=len(rows), bytes=sum((out/split/r['repo']/r.get('written_as', r['path'])).stat().st_size for r in rows))
     return stats
 
 # %% ../nbs/01e_corpus.ipynb #91944bc4
