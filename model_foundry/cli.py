@@ -208,7 +208,7 @@ def cmd_corpus(args) -> int:
             print(f"{i:>2}. {h['score']:.3f}  {h['path']}:{h['start_line']}-{h['end_line']}  {h['name'] or h['kind']} [{h['split']}]")
         return 0
     if not args.out: raise ConfigError('foundry corpus: --out DIR is required (where the corpus is written)')
-    m = build_corpus(args.repo, args.out, corpus_settings(**corpus_overrides(args)), progress=None if not args.quiet else False,
+    m = build_corpus(args.repo, args.out, corpus_settings(**corpus_overrides(args)), progress=not args.quiet and sys.stderr.isatty(),
                      log=lambda msg: print(msg, file=sys.stderr))
     ph = m['phases']
     print(f"files: {ph['files']['kept']:,} kept of {ph['files']['total']:,}"

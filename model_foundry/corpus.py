@@ -6,7 +6,7 @@ configs that train on them, with a manifest that records every decision. Determi
 
 # %% auto #0
 __all__ = ['CODE_LANGUAGES', 'MANIFEST_KIND', 'PHASES', 'CorpusSettings', 'corpus_settings', 'fingerprint', 'Phases',
-           'repo_heads', 'open_repos', 'decide_files', 'file_id', 'notebook_script', 'clean_name', 'clean_files',
+           'repo_heads', 'open_repos', 'notebook_script', 'decide_files', 'file_id', 'clean_name', 'clean_files',
            'cleaned_text', 'split_of', 'assign_splits', 'suite_prompts', 'build_index', 'write_splits', 'write_history',
            'percentiles', 'token_histogram', 'count_tokens', 'model_parameters', 'training_estimate', 'language_globs',
            'main_languages', 'corpus_configs', 'versions', 'build_corpus', 'read_manifest', 'search_corpus']
@@ -111,19 +111,6 @@ def open_repos(paths: list) -> list[tuple[str, object]]:
         out.append((name if seen[name] == 1 else f'{name}-{seen[name]}', repo))
     return out
 
-# %% ../nbs/01e_corpus.ipynb #54868fc6
-def decide_files(repos, s: CorpusSettings, progress: bool = False) -> list[dict]:
-    "One record per file of each tree at `s.ref`: repo, path, sha, bytes, language, kept, reason."
-    from tqdm.auto import tqdm
-    out, f = [], s.filters()
-    for name, repo in repos:
-        for e in tqdm(tree_files(repo, s.ref, name), desc=f'files of {name}', disable=not progress, leave=False):
-            kept, reason = file_decision(e.path, e.data, f)
-            out.append(dict(repo=name, path=e.path, sha=e.sha, bytes=e.size, language=e.language, kept=kept, reason=reason))
-    return out
-
-def file_id(rec: dict) -> str: return f"{rec['repo']}/{rec['path']}"
-
 # %% ../nbs/01e_corpus.ipynb #b58781f7
 def notebook_script(text: str) -> Optional[str]:
     "A Python Jupyter notebook as a percent-format script (code cells as code, markdown as comments); None if it is not one."
@@ -139,6 +126,20 @@ def notebook_script(text: str) -> Optional[str]:
         if c.get('cell_type') == 'code': out.append('# %%\n' + src.rstrip('\n'))
         elif c.get('cell_type') == 'markdown': out.append('# %% [markdown]\n' + '\n'.join(f'# {l}'.rstrip() for l in src.splitlines()))
     return '\n\n'.join(out) + '\n' if out else None
+
+# %% ../nbs/01e_corpus.ipynb #54a1886f
+def decide_files(repos, s: CorpusSettings, progress: bool = False) -> list[dict]:
+    "One record per file of each tree at `s.ref`: repo, path, sha, bytes, language, kept, reason."
+    from tqdm.auto import tqdm
+    out, f = [], s.filters()
+    for name, repo in repos:
+        for e in tqdm(tree_files(repo, s.ref, name), desc=f'files of {name}', disable=not progress, leave=False):
+            script = notebook_script(e.data.decode('utf-8', 'replace')) if e.path.endswith('.ipynb') else None
+            kept, reason = file_decision(e.path, script.encode() if script else e.data, f)  # a notebook is judged by its code
+            out.append(dict(repo=name, path=e.path, sha=e.sha, bytes=e.size, language=e.language, kept=kept, reason=reason))
+    return out
+
+def file_id(rec: dict) -> str: return f"{rec['repo']}/{rec['path']}"
 
 # %% ../nbs/01e_corpus.ipynb #47e8ef64
 def _clean_one(text: str, path: str, redacting: bool) -> dict:

@@ -8,10 +8,11 @@ import pytest
 import yaml
 
 from conftest import REPO, FOUNDRY, foundry, wait_until
-from model_foundry.config import load_config
+from model_foundry.config import DataConfig, TokenizerConfig, load_config
 from model_foundry.corpus import build_corpus, corpus_settings, read_manifest
 from model_foundry.finetune import make_base_model
 from model_foundry.repo import make_repo
+from model_foundry.samples import prepare_data
 
 STDLIB = Path(sysconfig.get_paths()['stdlib'])
 PY = ['heapq.py', 'bisect.py', 'colorsys.py', 'fnmatch.py', 'shlex.py', 'textwrap.py', 'graphlib.py', 'sched.py', 'getopt.py', 'glob.py',
@@ -161,6 +162,12 @@ def test_corpus_trains_end_to_end(code_repo, tmp_path, cache_dir):
     assert any(r['type'] == 'eval' for r in prepared)
     res = foundry('eval', tmp_path/'run', '--suite', REPO/'suites'/'python.yaml')
     assert res.returncode == 0, res.stderr[-3000:]
+
+    # the history trains too: commits.jsonl's `text` field is one sample per changed file
+    prep = prepare_data(DataConfig(source_corpus=str(tmp_path/'c'/'commits.jsonl'), text_field='text', max_sequence_length=64),
+                        TokenizerConfig(kind='bpe', vocab_size=300), progress=False, log=lambda *a: None)
+    records = (tmp_path/'c'/'commits.jsonl').read_text().splitlines()
+    assert prep.meta['n_train_samples'] + prep.meta['n_val_samples'] == len(records) > 20
 
 
 @pytest.mark.slow
