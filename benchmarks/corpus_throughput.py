@@ -15,7 +15,7 @@ from pathlib import Path
 
 from model_foundry.clean import exact_duplicates, file_decision, near_dedup, redact
 from model_foundry.corpus import build_corpus, corpus_settings
-from model_foundry.index import chunk_file, index_chunks, load_embedder, open_index
+from model_foundry.embeddings import chunk_file, index_chunks, load_embedder, open_index
 from model_foundry.repo import make_repo, open_repo, tree_files
 
 
@@ -91,7 +91,8 @@ def main(argv=None):
         t = time.perf_counter(); emb.encode([c.text for c in chunks], batch_size=64); plain.append(time.perf_counter() - t)
     o, p = statistics.median(ours), statistics.median(plain)
     print(f'embed    : {len(chunks)/o:8,.1f} chunks/s into Qdrant   (plain encode: {len(chunks)/p:,.1f} chunks/s; ours/plain time = {o/p:.2f})')
-    print(f'peak RSS : {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB')
+    print(f'peak RSS : {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB in this process, '
+          f'{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:,.0f} MiB in the largest cleaning worker')
 
 
 if __name__ == '__main__':

@@ -52,6 +52,8 @@ def corpus_files(source: str | list[str], include=('*',)) -> list[Path]:
     if not isinstance(source, str): return list(dict.fromkeys(f for s in source for f in corpus_files(s, include)))
     if source == STDLIB: files = [p for p in stdlib_files() if any(fnmatch.fnmatch(p.name, pat) for pat in include)]
     elif Path(source).expanduser().is_file(): files = [Path(source).expanduser()]
+    elif (Path(source).expanduser()/'.state').is_dir() and not is_corpus_dir(source):
+        raise ConfigError(f"data.source_corpus: {source} is a corpus whose build has not finished; run foundry corpus on it again")
     elif is_corpus_dir(source):  # a `foundry corpus` directory: its cleaned files, not its manifest, commits or index
         return corpus_files([str(Path(source).expanduser()/s) for s in CORPUS_SPLITS if (Path(source).expanduser()/s).is_dir()], include)
     elif Path(source).expanduser().is_dir():

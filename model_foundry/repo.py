@@ -85,7 +85,7 @@ def repo_name(repo: pygit2.Repository) -> str:
     return name.removesuffix('.git') or name
 
 def _branch_list(repo) -> str:
-    bs = sorted(repo.branches.local)
+    bs = sorted({*repo.branches.local, *(b for b in repo.branches.remote if not b.endswith('/HEAD'))})
     return ', '.join(bs[:10]) + (', ...' if len(bs) > 10 else '') if bs else 'none'
 
 def resolve_commit(repo: pygit2.Repository, ref: str = 'HEAD') -> pygit2.Commit:
@@ -106,18 +106,25 @@ def tree_files(repo: pygit2.Repository, ref: str = 'HEAD', name: Optional[str] =
     return sorted(out, key=lambda f: f.path)
 
 # %% ../nbs/01b_repo.ipynb #d71c76ac
+def _all_branches(repo) -> dict:
+    "Local branches, then remote-tracking ones not already local by name (what a plain clone holds), each name to its ref."
+    refs = {b: repo.branches.local[b] for b in repo.branches.local}
+    for b in repo.branches.remote:
+        if not b.endswith('/HEAD') and b.split('/', 1)[-1] not in refs: refs[b] = repo.branches.remote[b]
+    return dict(sorted(refs.items()))
+
 def branch_tips(repo: pygit2.Repository, branches: Optional[list[str]] = None) -> dict[str, pygit2.Oid]:
-    "{branch: tip commit id} of the local `branches` (all when None, or HEAD when detached with none); a missing one is an error."
-    local = sorted(repo.branches.local)
+    "{branch: tip commit id} of `branches` (default: every local and remote-tracking branch, or HEAD when detached with none)."
+    known = _all_branches(repo)
     if branches is None:
-        if not local and repo.head_is_detached: return {'HEAD': repo.head.target}
-        branches = local
-    if missing := [b for b in branches if b not in local]:
+        if not known and repo.head_is_detached: return {'HEAD': repo.head.target}
+        branches = list(known)
+    if missing := [b for b in branches if b not in known]:
         raise ConfigError(f"{repo_name(repo)}: no branch {missing[0]!r} (branches: {_branch_list(repo)})")
-    return {b: repo.branches.local[b].peel(pygit2.Commit).id for b in sorted(branches)}
+    return {b: known[b].peel(pygit2.Commit).id for b in sorted(branches)}
 
 def all_commits(repo: pygit2.Repository, branches: Optional[list[str]] = None) -> list[pygit2.Commit]:
-    "The commits reachable from the local `branches` (all when None), each once, by commit time then id."
+    "The commits reachable from `branches` (all, local and remote-tracking, when None), each once, by commit time then id."
     tips = list(branch_tips(repo, branches).values())
     if not tips: return []
     walker = repo.walk(tips[0])

@@ -266,6 +266,8 @@ def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, progress: bool = Tr
     fmt = source_format(data)
     if fmt != 'text': return prepare_samples(data, tok_cfg, fmt, log)
     if data.prompt_field: raise ConfigError(f"data.prompt_field needs records (.jsonl, .parquet or a saved dataset), not {data.source_corpus!r}")
+    if any(is_corpus_dir(src) for src in data.sources):
+        raise ConfigError("data.format 'text' would split a corpus directory by position, not by its train/validation files: use format files (or auto)")
     return prepare(data, tok_cfg, progress=progress, log=log)
 
 def split_blocks(prepared: PreparedData, split: str, data: DataConfig, seed: int = 0, shuffle: bool = True):

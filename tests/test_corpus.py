@@ -126,16 +126,22 @@ def test_pipeline_killed_mid_phase_resumes(code_repo, tmp_path):
 @pytest.mark.slow
 def test_new_commit_reruns_only_what_changed(tmp_path):
     make_repo(tmp_path/'r', commits()[:1])
-    build(tmp_path/'r', tmp_path/'c', embed=False)
+    first = build(tmp_path/'r', tmp_path/'c')
     cached = set((tmp_path/'c'/'.state'/'texts').iterdir())
     make_repo(tmp_path/'r', [dict(files={'lib/heapq.py': (STDLIB/'heapq.py').read_text() + '\n\ndef extra():\n    return 1\n'},
                                   message='Extra', time=1_700_400_000)])
-    m = build(tmp_path/'r', tmp_path/'c', embed=False)
+    m = build(tmp_path/'r', tmp_path/'c')
     new = set((tmp_path/'c'/'.state'/'texts').iterdir()) - cached
     assert len(new) == 1  # one changed blob cleaned again; the other files' cleaning was reused
     heap = next(r for r in m['files'] if r['path'] == 'lib/heapq.py')
     assert 'def extra' in (tmp_path/'c'/heap['split']/'r'/'lib'/'heapq.py').read_text()
-    assert json.loads((tmp_path/'c'/'timings.json').read_text())['ran'][0] == 'analyse'
+    t = json.loads((tmp_path/'c'/'timings.json').read_text())
+    files = lambda man: {r['path']: (r['text_sha'], r['split']) for r in man['files'] if r['kept']}
+    changed = sorted(p for p, v in files(m).items() if files(first).get(p) != v)  # new content, or moved between splits
+    assert 'lib/heapq.py' in changed and len(changed) <= 2, changed  # heapq, and a file its new hash displaced from validation
+    assert t['ran'][0] == 'analyse' and 0 < t['embedded'] < m['phases']['index']['chunks'] / 2, t  # only their chunks were embedded
+    assert m['phases']['index']['chunks'] >= first['phases']['index']['chunks'] > 20
+    assert m['phases']['analyse']['r']['commits'] == 2
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from model_foundry.config import ConfigError
-from model_foundry.index import (COLLECTION, Embedder, chunk_file, chunk_id, contaminated_paths, contamination, index_chunks,
+from model_foundry.embeddings import (COLLECTION, Embedder, chunk_file, chunk_id, contaminated_paths, contamination, index_chunks,
                                  load_embedder, near_duplicate_pairs, open_index, search)
 
 pytestmark = pytest.mark.slow
