@@ -23,7 +23,6 @@ import pygit2
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-# %% ../nbs/01e_corpus.ipynb #92a5ecad
 from .config import ConfigError, ExperimentConfig, format_validation_error, replacing, write_atomic
 from .data import CORPUS_SPLITS, train_bpe_tokenizer
 from .repo import LANGUAGES, all_commits, analyse, resolve_commit, analysis_table, commit_records, commit_text, open_repo, repo_name, tree_files
