@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--corpus', default=str(REPO.parent/'shared'/'data'/'tinyshakespeare'/'input.txt'))
+    p.add_argument('--corpus', default=str(REPO/'data'/'tinyshakespeare'/'input.txt'))
     p.add_argument('--repeats', type=int, default=7)
     a = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp())

@@ -61,7 +61,7 @@ def plain_steps(model, opt, sched, blocks, start, n, bs, max_norm):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--config', default=str(REPO/'configs'/'shakespeare-char.yaml'))
-    p.add_argument('--corpus', default=str(REPO.parent/'shared'/'data'/'tinyshakespeare'/'input.txt'))
+    p.add_argument('--corpus', default=str(REPO/'data'/'tinyshakespeare'/'input.txt'))
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--steps', type=int, default=40, help='steps per loop per round')
     a = p.parse_args(argv)

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ['skip_policy']  # a skip for any reason but a missing GPU or browser fails the session
+
 REPO = Path(__file__).resolve().parent.parent
-SHAKESPEARE = REPO.parent/'shared'/'data'/'tinyshakespeare'/'input.txt'
+SHAKESPEARE = REPO/'data'/'tinyshakespeare'/'input.txt'  # ships with the repository
 FOUNDRY = Path(sys.executable).parent/'foundry'
 
 
@@ -19,7 +21,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def shakespeare():
-    if not SHAKESPEARE.is_file(): pytest.skip(f'tiny Shakespeare not found at {SHAKESPEARE}')
+    assert SHAKESPEARE.is_file(), f'tiny Shakespeare is part of the repository: {SHAKESPEARE} is missing'
     return SHAKESPEARE
 
 

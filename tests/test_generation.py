@@ -10,7 +10,6 @@ from model_foundry.run import train
 @pytest.fixture(scope='module')
 def tiny_model(tmp_path_factory):
     from conftest import SHAKESPEARE
-    if not SHAKESPEARE.is_file(): pytest.skip(f'tiny Shakespeare not found at {SHAKESPEARE}')
     d = tmp_path_factory.mktemp('gen')
     cfg = ExperimentConfig(experiment_name='gen', data=dict(source_corpus=str(SHAKESPEARE), batch_size=16, max_sequence_length=32,
                                                             cache_dir=str(d/'cache')),

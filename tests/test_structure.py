@@ -121,3 +121,18 @@ def test_callback_events_fire_in_documented_order(tmp_path, capsys):
     assert sum(1 for _, e, n in fired if e == 'after_log' and n == 'MetricsLogger') == len(logged)
     assert [r['type'] for r in logged if r['step'] == 3] == ['eval', 'suite']
     assert fired[0][1] == 'before_fit' and fired[-1][1] == 'after_fit'
+
+
+def test_no_test_skips_without_a_gpu_or_browser_reason(tmp_path):
+    "The skip policy (tests/skip_policy.py) fails a session whose test skips for a missing file, and lets GPU and browser skips pass."
+    import subprocess, sys
+    (tmp_path/'test_bad.py').write_text("import pytest\ndef test_needs_data():\n    pytest.skip('data not found at ../shared')\n")
+    (tmp_path/'test_ok.py').write_text("import pytest\n@pytest.mark.gpu\ndef test_cuda():\n    pytest.skip('no CUDA device')\n"
+                                       "def test_browser():\n    pytest.skip('no Chromium on this machine')\n")
+    def session(*files):
+        return subprocess.run([sys.executable, '-m', 'pytest', '-p', 'skip_policy', '-p', 'no:cacheprovider', '-q', '-o', 'markers=gpu',
+                               *map(str, files)], capture_output=True, text=True, cwd=tmp_path,
+                              env={**__import__('os').environ, 'PYTHONPATH': str(REPO/'tests')})
+    bad, ok = session(tmp_path/'test_bad.py', tmp_path/'test_ok.py'), session(tmp_path/'test_ok.py')
+    assert bad.returncode == 1 and 'SKIP NOT ALLOWED' in bad.stdout and 'test_needs_data' in bad.stdout and 'test_cuda' not in bad.stdout.split('SKIP NOT ALLOWED')[-1], bad.stdout
+    assert ok.returncode == 0 and '2 skipped' in ok.stdout, ok.stdout
