@@ -9,7 +9,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 RUN_CONFIG ?= configs/python-stdlib.yaml
 RUN_DIR    ?= runs/python-stdlib
 
-.PHONY: run test install install-dev export clean-nbs readme check-clean bench browser docs-preview
+.PHONY: run test install install-dev export clean-nbs readme check-clean bench browser docs-preview lab
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,19 @@ run: install
 	$(BIN)/foundry generate $(RUN_DIR) --prompt "class" --max-new-tokens 150 --temperature 0.8 --top-k 50 --seed 1
 	$(BIN)/foundry eval $(RUN_DIR) --suite suites/python.yaml
 
+# Coverage of model_foundry/ across nbdev-test, pytest and every Python process they start: COVERAGE_PROCESS_START
+# makes each Python process start coverage (coverage's .pth; [tool.coverage.run] in pyproject.toml, patch=subprocess
+# passes it on), all of them writing .coverage.* in the repository root; combined and reported at the end.
+COVERAGE_FLOOR ?= 90
+COVERAGE_DATA  := COVERAGE_FILE="$(CURDIR)/.coverage"
+MEASURED       := $(COVERAGE_DATA) COVERAGE_PROCESS_START="$(CURDIR)/pyproject.toml" COVERAGE_SOURCE="$(CURDIR)/model_foundry"
+
 test: install-dev browser
-	$(BIN)/nbdev-test --n-workers 2
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not gpu" --durations=12 tests
+	$(COVERAGE_DATA) $(BIN)/coverage erase
+	$(MEASURED) $(BIN)/python tools/coverage_nbdev_test.py --n-workers 2
+	$(MEASURED) OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not gpu" --durations=12 tests
+	$(COVERAGE_DATA) $(BIN)/coverage combine --quiet
+	$(COVERAGE_DATA) $(BIN)/coverage report --fail-under=$(COVERAGE_FLOOR)
 
 export:
 	$(BIN)/nbdev-export
@@ -62,3 +72,8 @@ docs-preview: install-dev
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py
+
+# JupyterLab (dev extras, with the ipywidgets frontend the playground needs), rooted at the repository so that configs/,
+# data/ and runs/ are in reach, opened on nbs/. Extra options: make lab LAB_ARGS="--port 8899 --no-browser"
+lab: install-dev
+	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)

@@ -56,6 +56,7 @@ class TrainerState:
     best_step: Optional[int] = None
     stop_reason: Optional[StopReason] = None  # set by a callback: training ends after this step
     callbacks: dict = field(default_factory=dict)  # each stateful callback's `state_dict()`, by class name
+    eval_pending: bool = False           # a signal cut this step's evaluation short: resuming runs it first
     config_hash: Optional[str] = None    # facts about the run that wrote the checkpoint
     git_commit: Optional[str] = None
     tracker_run_id: Optional[str] = None

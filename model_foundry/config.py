@@ -47,6 +47,14 @@ class DataConfig(Section):
     max_sequence_length: int = Field(256, gt=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     cache_dir: Optional[str] = None       # default: $FOUNDRY_CACHE or ~/.cache/model_foundry
+    encoding: str = 'utf-8'               # of text files: e.g. latin-1, cp1252, utf-16
+
+    @model_validator(mode='after')
+    def _known_encoding(self):
+        import codecs
+        try: codecs.lookup(self.encoding)
+        except LookupError: raise ValueError(f"data.encoding: unknown text encoding {self.encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
+        return self
 
     @model_validator(mode='after')
     def _prompt_with_completion(self):

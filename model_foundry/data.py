@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['STDLIB', 'CORPUS_SPLITS', 'CHUNK_CHARS', 'EOS', 'PREP_VERSION', 'stdlib_files', 'is_corpus_dir', 'corpus_files',
-           'CorpusStats', 'read_chunks', 'text_status', 'usable_files', 'train_char_tokenizer', 'train_bpe_tokenizer',
-           'is_hub_id', 'texts_of', 'build_tokenizer', 'token_dtype', 'pack_tokens', 'cache_root', 'prep_key',
-           'PreparedData', 'prepare', 'TokenBlocks', 'val_batches']
+           'CorpusStats', 'read_chunks', 'text_status', 'decode_error', 'usable_files', 'train_char_tokenizer',
+           'train_bpe_tokenizer', 'is_hub_id', 'texts_of', 'build_tokenizer', 'token_dtype', 'pack_tokens',
+           'cache_root', 'prep_key', 'PreparedData', 'prepare', 'TokenBlocks', 'val_batches']
 
 # %% ../nbs/01_data.ipynb #37895e8b
 import fnmatch, glob, hashlib, json, os, re, sysconfig, time
@@ -76,9 +76,9 @@ class CorpusStats:
 # %% ../nbs/01_data.ipynb #f47055bd
 CHUNK_CHARS = 1 << 20
 
-def read_chunks(path: Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
-    "Yield the text of `path` in chunks of about `chunk_chars` characters that end at a line break."
-    with open(path, encoding='utf-8', newline='') as f:
+def read_chunks(path: Path, chunk_chars: int = CHUNK_CHARS, encoding: str = 'utf-8') -> Iterator[str]:
+    "Yield the text of `path` (in `encoding`) in chunks of about `chunk_chars` characters that end at a line break."
+    with open(path, encoding=encoding, newline='') as f:
         while True:
             chunk = f.read(chunk_chars)
             if not chunk: return
@@ -86,17 +86,27 @@ def read_chunks(path: Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
             yield chunk
 
 # %% ../nbs/01_data.ipynb #a20f8d15
-def text_status(path: Path) -> str:
-    "'ok', 'empty' or 'undecodable' for the file at `path` (read in chunks: constant memory)."
-    try: return 'ok' if any(c for c in read_chunks(path)) else 'empty'
-    except (UnicodeDecodeError, OSError): return 'undecodable'
+def text_status(path: Path, encoding: str = 'utf-8') -> str:
+    "'ok', 'empty' or 'undecodable' for the file at `path` in `encoding` (read in chunks: constant memory)."
+    try: return 'ok' if any(c for c in read_chunks(path, encoding=encoding)) else 'empty'
+    except (UnicodeError, OSError): return 'undecodable'
 
 # %% ../nbs/01_data.ipynb #a11b994b
-def usable_files(files: list[Path], stats: CorpusStats | None = None) -> list[Path]:
-    "Keep the files that decode as UTF-8 and are not empty; record undecodable ones in `stats`."
+def decode_error(path: Path, encoding: str = 'utf-8') -> str:
+    "Where and why `path` fails to decode in `encoding` (byte offset and line), or '' when it decodes."
+    raw = Path(path).read_bytes()
+    try: raw.decode(encoding); return ''
+    except UnicodeError as e: at = getattr(e, 'start', 0)
+    line = raw.count(10, 0, at) + 1  # 10: the newline byte
+    return (f"{path} is not {encoding} text: byte 0x{raw[at:at + 1].hex()} at offset {at:,} (line {line}) cannot be decoded; "
+            "set data.encoding to the file's encoding (e.g. latin-1, cp1252)")
+
+# %% ../nbs/01_data.ipynb #d3834506
+def usable_files(files: list[Path], stats: CorpusStats | None = None, encoding: str = 'utf-8') -> list[Path]:
+    "Keep the files that decode in `encoding` and are not empty; record undecodable ones in `stats`."
     keep = []
     for p in files:
-        status = text_status(p)
+        status = text_status(p, encoding)
         if status == 'ok': keep.append(p)
         elif status == 'undecodable' and stats is not None: stats.skipped.append(str(p))
     if stats is not None: stats.files = len(keep)
@@ -136,11 +146,11 @@ def is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r'[A-Za-z0-9][\w.-]*/[\w.-]+', name)) and not Path(name).expanduser().exists()
 
 # %% ../nbs/01_data.ipynb #00130f22
-def texts_of(files: list[Path]) -> Iterator[str]:
+def texts_of(files: list[Path], encoding: str = 'utf-8') -> Iterator[str]:
     "Stream the text of `files` as chunks (for tokenizer training)."
-    for p in files: yield from read_chunks(p)
+    for p in files: yield from read_chunks(p, encoding=encoding)
 
-def build_tokenizer(cfg: TokenizerConfig, files: list[Path]) -> PreTrainedTokenizerFast:
+def build_tokenizer(cfg: TokenizerConfig, files: list[Path], encoding: str = 'utf-8') -> PreTrainedTokenizerFast:
     "Train or load the tokenizer that `cfg` asks for, on `files`."
     if cfg.kind == 'pretrained':
         path = Path(cfg.path).expanduser()
@@ -150,8 +160,8 @@ def build_tokenizer(cfg: TokenizerConfig, files: list[Path]) -> PreTrainedTokeni
         if tok.eos_token is None: tok.eos_token = EOS
         if tok.pad_token is None: tok.pad_token = tok.eos_token
         return tok
-    if cfg.kind == 'char': return train_char_tokenizer(texts_of(files))
-    return train_bpe_tokenizer(texts_of(files), cfg.vocab_size)
+    if cfg.kind == 'char': return train_char_tokenizer(texts_of(files, encoding))
+    return train_bpe_tokenizer(texts_of(files, encoding), cfg.vocab_size)
 
 # %% ../nbs/01_data.ipynb #e1524323
 def token_dtype(vocab_size: int):
@@ -164,7 +174,7 @@ def _doc_order(files: list[Path]) -> list[Path]:
     root = Path(os.path.commonpath([str(p.parent) for p in files]))
     return sorted(files, key=lambda p: hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest())
 
-def pack_tokens(files: list[Path], tokenizer, out_path: Path, progress: bool = True) -> int:
+def pack_tokens(files: list[Path], tokenizer, out_path: Path, progress: bool = True, encoding: str = 'utf-8') -> int:
     "Tokenize `files` into the flat token file `out_path`; return the number of tokens written."
     dtype, eos = token_dtype(len(tokenizer)), tokenizer.eos_token_id
     backend, n = tokenizer.backend_tokenizer, 0
@@ -174,7 +184,7 @@ def pack_tokens(files: list[Path], tokenizer, out_path: Path, progress: bool = T
             if i and eos is not None:
                 np.array([eos], dtype=dtype).tofile(f); n += 1
             batch, size = [], 0
-            for chunk in read_chunks(p):
+            for chunk in read_chunks(p, encoding=encoding):
                 batch.append(chunk); size += len(chunk)
                 if size >= 8 * CHUNK_CHARS:
                     n += _write_ids(backend, batch, dtype, f); batch, size = [], 0
@@ -203,6 +213,7 @@ def prep_key(data: DataConfig, tok: TokenizerConfig, files: list[Path]) -> str:
     tfp = sorted((q.name, q.stat().st_size, q.stat().st_mtime_ns) for q in tdir.iterdir()) if tdir and tdir.is_dir() else None
     d = dict(v=PREP_VERSION, files=fp, val_fraction=data.val_fraction,
              tokenizer=tok.model_dump(mode='json', exclude={'vocab_size'} if tok.kind != 'bpe' else set()), tokenizer_files=tfp)
+    if data.encoding.lower().replace('_', '-') not in ('utf-8', 'utf8'): d['encoding'] = data.encoding  # utf-8 keys stay as they were
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:20]
 
 # %% ../nbs/01_data.ipynb #f193cefe
@@ -235,20 +246,22 @@ def prepare(data: DataConfig, tok_cfg: TokenizerConfig, progress: bool = True, l
     out = cache_root(data)/'datasets'/key
     if (out/'meta.json').exists(): return PreparedData.load(out)
     t0, stats = time.time(), CorpusStats()
-    files = usable_files(files, stats)
-    if not files: raise ConfigError(f"data.source_corpus: {data.source_corpus!r} holds no readable text ({len(stats.skipped)} files skipped)")
+    files = usable_files(files, stats, data.encoding)
+    if not files:
+        why = f": {decode_error(Path(stats.skipped[0]), data.encoding)}" if stats.skipped else ''
+        raise ConfigError(f"data.source_corpus: {data.source_corpus!r} holds no readable text ({len(stats.skipped)} files skipped){why}")
     with replacing(out) as tmp:  # concurrent preparations of the same inputs: the last one to finish is kept, identical
         tmp.mkdir()
-        tokenizer = build_tokenizer(tok_cfg, files)
+        tokenizer = build_tokenizer(tok_cfg, files, data.encoding)
         tokenizer.save_pretrained(tmp/'tokenizer')
-        n = pack_tokens(files, tokenizer, tmp/'tokens.bin', progress=progress)
+        n = pack_tokens(files, tokenizer, tmp/'tokens.bin', progress=progress, encoding=data.encoding)
         if n == 0: raise ConfigError(f"data.source_corpus: {data.source_corpus!r} is empty after tokenization")
         n_train = int(n * (1 - data.val_fraction))
         meta = dict(source=data.source_corpus, files=stats.files, skipped_files=stats.skipped, n_tokens=n, n_train=n_train,
                     n_val=n - n_train, vocab_size=len(tokenizer), dtype=np.dtype(token_dtype(len(tokenizer))).name,
                     tokenizer=tok_cfg.kind, seconds=round(time.time() - t0, 2), key=key)
         (tmp/'meta.json').write_text(json.dumps(meta, indent=1))
-    if stats.skipped and log: log(f"skipped {len(stats.skipped)} files that are not UTF-8 text, e.g. {stats.skipped[0]}")
+    if stats.skipped and log: log(f"skipped {len(stats.skipped)} files that are not {data.encoding} text, e.g. {decode_error(Path(stats.skipped[0]), data.encoding)}")
     return PreparedData.load(out)
 
 # %% ../nbs/01_data.ipynb #0c30f8f0

@@ -10,7 +10,7 @@ import math, os, signal, threading
 
 from .checkpointing import intact_checkpoints
 from .config import log
-from .loop import ORDERS, Callback, restore_newest
+from .loop import ORDERS, Callback, Interrupted, restore_newest
 
 # %% ../nbs/07_lifecycle.ipynb #36bbb229
 class EarlyStopping(Callback):
@@ -19,6 +19,10 @@ class EarlyStopping(Callback):
     def __init__(self, patience: int, min_delta: float = 0.0):
         self.patience, self.min_delta = patience, min_delta
         self.best, self.wait = math.inf, 0
+
+    def before_fit(self):
+        "A run restored after it stopped early (a rebuilt final/, say) stops again at once."
+        if self.wait >= self.patience: self.learn.state.stop_reason = 'early_stopped'
 
     def after_eval(self):
         s = self.learn.state
@@ -75,7 +79,7 @@ class NonFiniteGuard(Callback):
 
 # %% ../nbs/07_lifecycle.ipynb #96798676
 class Preemption(Callback):
-    "Turn SIGTERM/SIGINT into a clean stop at the end of the current step; a second signal kills at once."
+    "Turn SIGTERM/SIGINT into a clean stop: at the end of the step, or at once inside abortable work; a second signal kills at once."
     order = ORDERS['Preemption']
     signals = (signal.SIGTERM, signal.SIGINT)
 
@@ -92,6 +96,10 @@ class Preemption(Callback):
         s = self.learn.state
         self.received = s.signal = signum
         s.stop_reason = 'interrupted'
+        if self.learn.abortable:  # long work (a batch, an evaluation, generation): drop it, stop now
+            log.warning(f'{signal.Signals(signum).name} received: stopping now, checkpointing step {s.step} '
+                        '(the work in progress runs again on resume)')
+            raise Interrupted()
         log.warning(f'{signal.Signals(signum).name} received: finishing step {s.step + 1}, then checkpointing '
                     '(send it again to exit at once)')
 

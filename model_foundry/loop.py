@@ -4,19 +4,19 @@
 
 # %% auto #0
 __all__ = ['ORDERS', 'EVENTS', 'param_groups', 'make_optimizer', 'WarmupCosine', 'make_scheduler', 'TrainingError', 'Callback',
-           'Learner', 'backward', 'update', 'evaluate', 'eval_due', 'eval_phase', 'one_step', 'fit', 'memory_stats',
-           'MetricsLogger', 'ProgressBar', 'log_spaced_steps', 'CheckpointCallback', 'restore', 'restore_newest',
-           'truncate_metrics', 'resume']
+           'Learner', 'Interrupted', 'abortable', 'backward', 'update', 'evaluate', 'eval_due', 'eval_phase',
+           'one_step', 'fit', 'memory_stats', 'MetricsLogger', 'ProgressBar', 'log_spaced_steps', 'CheckpointCallback',
+           'restore', 'restore_newest', 'truncate_metrics', 'resume']
 
 # %% ../nbs/05_loop.ipynb #ad09e028
-import dataclasses, gc, json, math, resource, sys, time
+import contextlib, dataclasses, gc, json, math, resource, sys, time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpointing import (TrainerState, checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints,
+from .checkpointing import (TrainerState, capture_rng, checkpoint_name, restore_rng, list_checkpoints, load_checkpoint, prune_checkpoints,
                                          save_checkpoint, tidy_checkpoints)
 from .config import TrainingConfig, log, replacing
 from .evaluation import IGNORE, evaluate_loss, lm_loss, perplexity
@@ -74,6 +74,7 @@ class Learner:
         self.device, self.precision = torch.device(device), precision
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == 'fp16' else None  # fp16 needs loss scaling
         self.micro_batch_size = dls.batch_size  # halves on out-of-memory; samples per step never change
+        self.abortable = False  # inside work a stop signal may cut short (see `abortable`)
         self.state, self.cbs = TrainerState(), []
         for cb in cbs: self.add_cb(cb)
 
@@ -99,6 +100,19 @@ class Learner:
     def tokens_per_step(self) -> int: return self.samples_per_step * self.dls.train.block_size
     @property
     def lr(self) -> float: return self.opt.param_groups[0]['lr']
+
+# %% ../nbs/05_loop.ipynb #1b745648
+class Interrupted(BaseException):
+    "Raised inside an `abortable` block by a stop signal: the block's work is dropped and the run stops at a consistent state."
+
+@contextlib.contextmanager
+def abortable(learn: Learner):
+    "While in the block, a stop signal raises `Interrupted` at once instead of waiting for the step to end."
+    prev, learn.abortable = learn.abortable, True
+    try:
+        if learn.state.stop_reason == 'interrupted': raise Interrupted()  # the signal came just before the block
+        yield
+    finally: learn.abortable = prev
 
 # %% ../nbs/05_loop.ipynb #9b73d278
 def _is_cpu_oom(e: BaseException) -> bool:
@@ -170,22 +184,36 @@ def eval_due(learn: Learner) -> bool:
     return s == learn.train_steps or bool(learn.eval_every) and s % learn.eval_every == 0
 
 def eval_phase(learn: Learner):
-    "Evaluate, update the best, log an `eval` record and fire `after_eval`."
+    "Evaluate, update the best, log an `eval` record and fire `after_eval`; a stop signal marks it pending and puts the state back."
     s = learn.state
-    s.val_loss = evaluate(learn)
-    s.improved = s.best_val_loss is None or s.val_loss < s.best_val_loss
-    if s.improved: s.best_val_loss, s.best_step = s.val_loss, s.step
-    learn.log(type='eval', val_loss=s.val_loss, val_perplexity=perplexity(s.val_loss), best_val_loss=s.best_val_loss, best_step=s.best_step)
-    learn('after_eval')
+    before = s.val_loss, s.best_val_loss, s.best_step, s.improved
+    cbs = {cb: cb.state_dict() for cb in learn.cbs if hasattr(cb, 'state_dict')}
+    try:
+        with abortable(learn):
+            s.val_loss = evaluate(learn)
+            s.improved = s.best_val_loss is None or s.val_loss < s.best_val_loss
+            if s.improved: s.best_val_loss, s.best_step = s.val_loss, s.step
+            learn.log(type='eval', val_loss=s.val_loss, val_perplexity=perplexity(s.val_loss), best_val_loss=s.best_val_loss, best_step=s.best_step)
+            learn('after_eval')
+    except Interrupted:
+        s.val_loss, s.best_val_loss, s.best_step, s.improved = before
+        for cb, d in cbs.items(): cb.load_state_dict(d)
+        s.eval_pending = True
+        raise
 
 # %% ../nbs/05_loop.ipynb #5d4aed8b
 def one_step(learn: Learner):
-    "One optimizer step over `samples_per_step` samples, then the evaluation when due."
+    "One optimizer step over `samples_per_step` samples, then the evaluation when due; a stop signal during the backward pass drops the step."
     s, t0 = learn.state, time.perf_counter()
+    start, rng = s.samples_seen, capture_rng()
     s.improved = s.skip_step = False
     learn('before_step')
     learn.model.train()
-    loss = backward(learn)
+    try:
+        with abortable(learn): loss = backward(learn)
+    except Interrupted:  # nothing of this step is kept: no gradients, the data and random position of its start
+        learn.opt.zero_grad(set_to_none=True); s.samples_seen = start; restore_rng(rng)
+        raise
     learn('after_backward')
     update(learn, loss)
     s.step += 1
@@ -194,10 +222,14 @@ def one_step(learn: Learner):
     learn('after_step')
 
 def fit(learn: Learner):
-    "Train until `train_steps` optimizer steps are done or a callback sets `state.stop_reason`."
+    "Train until `train_steps` optimizer steps are done or a callback sets `state.stop_reason` (an evaluation left pending runs first)."
     learn('before_fit')
     try:
+        if learn.state.eval_pending:  # the step is done; its evaluation and `after_step` were cut short by a signal
+            learn.state.eval_pending = False
+            eval_phase(learn); learn('after_step')
         while learn.state.step < learn.train_steps and learn.state.stop_reason is None: one_step(learn)
+    except Interrupted: pass  # stop_reason is 'interrupted': `CheckpointCallback.after_fit` saves where the dropped work began
     finally: learn('after_fit')
 
 Learner.fit = fit
@@ -289,6 +321,10 @@ class CheckpointCallback(Callback):
     def after_step(self):
         if self.due(): self.save()
 
+    def after_fit(self):
+        "A run stopped by a signal in the middle of a step is checkpointed as it was before that step."
+        if self.learn.state.stop_reason == 'interrupted' and self.due(): self.save()
+
 # %% ../nbs/05_loop.ipynb #bad86901
 def restore(learn: Learner, ckpt) -> TrainerState:
     "Put `learn` back where checkpoint `ckpt` was taken: weights, optimizer, schedule, RNG, trainer state, callbacks."
@@ -310,14 +346,17 @@ def restore_newest(learn: Learner, checkpoints: list[Path]) -> tuple[Optional[Pa
     return None, failed
 
 # %% ../nbs/05_loop.ipynb #56cff80b
-def truncate_metrics(path, step: int):
-    "Drop the metrics lines of steps after `step` (they run again) and lines torn by a crash, atomically."
+def truncate_metrics(path, step: int, eval_pending: bool = False):
+    "Drop the metrics lines of steps after `step` (they run again; with `eval_pending`, step `step`'s evaluation too) and torn lines, atomically."
     path = Path(path)
     if not path.is_file(): return
     def keep(line):
-        try: return json.loads(line).get('step', 0) <= step
+        try: r = json.loads(line)
         except ValueError: return False  # a line torn by a kill mid-write
-    lines = [l if l.endswith('\n') else l + '\n' for l in path.read_text().splitlines(keepends=True) if l.strip() and keep(l)]
+        n = r.get('step', 0) if isinstance(r, dict) else None
+        if not isinstance(n, (int, float)): return False  # not a record of ours: garbled
+        return n < step or n == step and not (eval_pending and r.get('type') not in ('nonfinite', 'resume'))
+    lines = [l if l.endswith('\n') else l + '\n' for l in path.read_text(errors='replace').splitlines(keepends=True) if l.strip() and keep(l)]
     with replacing(path) as tmp: tmp.write_text(''.join(lines))
 
 def resume(learn: Learner, checkpoints, metrics=None) -> Optional[Path]:
@@ -327,6 +366,6 @@ def resume(learn: Learner, checkpoints, metrics=None) -> Optional[Path]:
     if ckpt is None and had:
         raise TrainingError(f"none of the {len(had)} checkpoints in {checkpoints} can be resumed ({'; '.join(failed) or 'all quarantined'}); "
                             f"nothing was trained over them: move them away to start again")
-    if metrics is not None: truncate_metrics(metrics, learn.state.step)
+    if metrics is not None: truncate_metrics(metrics, learn.state.step, learn.state.eval_pending)
     if ckpt is not None: learn.log(type='resume', checkpoint=ckpt.name)
     return ckpt

@@ -48,11 +48,12 @@ def file_perplexity(model, tokenizer, source: str, context: int, device='cpu') -
 
 # %% ../nbs/11_reports.ipynb #4cafb2ed
 def read_metrics(path) -> list[dict]:
-    "The records of a metrics.jsonl file (a line torn by a crash is skipped)."
+    "The records of a metrics.jsonl file (a line torn by a crash, or garbled, is skipped)."
     out = []
-    for l in (Path(path).read_text().splitlines() if Path(path).is_file() else []):
-        try: out.append(json.loads(l))
-        except ValueError: pass
+    for l in (Path(path).read_text(errors='replace').splitlines() if Path(path).is_file() else []):
+        try: r = json.loads(l)
+        except ValueError: continue
+        if isinstance(r, dict) and isinstance(r.get('step', 0), (int, float)): out.append(r)
     return out
 
 # %% ../nbs/11_reports.ipynb #10a727bd

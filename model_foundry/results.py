@@ -19,7 +19,7 @@ from .evaluation import evaluate_split
 from .generation import generate
 from .model import build_model, load_pretrained, resolve_device, resolve_precision
 from .reports import file_perplexity, plot_losses, plot_suite, read_metrics, write_report
-from .run import RunDir, publish_run, seed_everything
+from .run import RunDir, damaged, final_problem, publish_run, seed_everything
 from .suites import load_suite, run_suite
 from .tracking import resolve_model_source, start_wandb
 
@@ -45,23 +45,29 @@ def load_run(source, device: torch.device | str = 'cpu'):
     if not src.exists(): raise ConfigError(f"no such run or model directory: {src}")
     run = RunDir(src)
     if run.config.is_file():
-        if (run.final/'config.json').is_file(): src = run.final
+        if (run.final/'config.json').is_file():
+            if (why := final_problem(run)) is not None:
+                raise ConfigError(f"{run.final} is damaged ({why}): `foundry train {run.config} --run-dir {run.root}` rebuilds it from "
+                                  "the run's checkpoints")
+            src = run.final
         else:
             intact = intact_checkpoints(run.checkpoints)
             if not intact: raise ConfigError(f"run {src} has neither a final model nor a complete checkpoint yet")
-            cfg, tok = load_config(run.config), AutoTokenizer.from_pretrained(run.tokenizer)
+            with damaged(run.config, 'the resolved config of the run: restore it from a copy'): cfg = load_config(run.config)
+            with damaged(run.tokenizer, 'the run copies it from its data preparation: delete the folder and `foundry train` the run'):
+                tok = AutoTokenizer.from_pretrained(run.tokenizer)
             model = (finetune_model(cfg, device) if cfg.model.init == 'pretrained'  # an adapter run's checkpoints hold the adapter
                      else build_model(cfg.model, cfg.tokenizer.vocab_size, cfg.data.max_sequence_length, tok.eos_token_id))
             load_checkpoint(intact[0], model, restore_rng_state=False)  # legacy checkpoints have no config.json: build from the run's
             return (model if cfg.finetune.method == "qlora" else model.to(device)).eval(), tok  # a 4-bit model is placed when loaded
-    return load_pretrained(src, device).eval(), AutoTokenizer.from_pretrained(src)
+    with damaged(src, 'not a loadable Hugging Face model directory'): return load_pretrained(src, device).eval(), AutoTokenizer.from_pretrained(src)
 
 # %% ../nbs/12a_results.ipynb #d150569a
 def evaluate_run(run_dir, suites=(), texts=(), batch_size: Optional[int] = None, progress: bool = False) -> dict:
     "Evaluate a run's model: whole-split perplexity, perplexity of `texts`, behavioural `suites`; writes RUN_DIR/report/."
     run = RunDir(run_dir)
     if not run.config.is_file(): raise ConfigError(f"not a run directory (no config.yaml): {run.root}")
-    cfg = load_config(run.config)
+    with damaged(run.config, 'the resolved config of the run: restore it from a copy'): cfg = load_config(run.config)
     loaded = [load_suite(s) for s in suites]  # bad suite files fail before any work
     device = resolve_device(cfg.training.device)
     model, tok = load_run(run.root, device)

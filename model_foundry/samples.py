@@ -67,7 +67,7 @@ def _load_records(data: DataConfig, fmt: str, files: list[Path]):
 
 def read_records(data: DataConfig, fmt: str, files: list[Path]) -> list[dict]:
     "The samples in `files` (from `source_files`) as dicts of the configured fields (strings)."
-    if fmt == 'files': return [{data.text_field: f.read_text(encoding='utf-8')} for f in usable_files(files, CorpusStats())]
+    if fmt == 'files': return [{data.text_field: f.read_text(encoding=data.encoding)} for f in usable_files(files, CorpusStats(), data.encoding)]
     ds = _load_records(data, fmt, files)
     for name, key in zip(_fields(data), ('prompt_field', 'completion_field') if data.prompt_field else ('text_field',)):
         if name not in ds.column_names:
@@ -195,7 +195,7 @@ def prepare_samples(data: DataConfig, tok_cfg: TokenizerConfig, fmt: str, log=pr
     out = cache_root(data)/'datasets'/key
     if (out/'meta.json').exists(): return PreparedSamples.load(out)  # a cache hit reads no record
     t0, records = time.time(), read_records(data, fmt, files)
-    train, val = split_records(records, usable_files(files) if fmt == 'files' else [], data.val_fraction)
+    train, val = split_records(records, usable_files(files, encoding=data.encoding) if fmt == 'files' else [], data.val_fraction)
     tokenizer = _tokenizer_for(tok_cfg, [t for r in records for t in r.values()])
     tr, va = tokenize_samples(train, tokenizer, data), tokenize_samples(val, tokenizer, data)
     with replacing(out) as tmp:

@@ -16,7 +16,7 @@ def allowed(report, item) -> bool:
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
-    if rep.skipped and not allowed(rep, item):
+    if rep.skipped and not hasattr(rep, 'wasxfail') and not allowed(rep, item):  # an xfail is reported as a skip
         item.config._bad_skips = getattr(item.config, '_bad_skips', []) + [f'{item.nodeid}: {rep.longrepr[-1] if isinstance(rep.longrepr, tuple) else rep.longrepr}']
 
 
