@@ -644,6 +644,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'model_foundry.suites.SuiteCallback.after_eval': ( 'suites.html#suitecallback.after_eval',
                                                                                          'model_foundry/suites.py'),
                                       'model_foundry.suites._check_regexes': ('suites.html#_check_regexes', 'model_foundry/suites.py'),
+                                      'model_foundry.suites._ends_early': ('suites.html#_ends_early', 'model_foundry/suites.py'),
                                       'model_foundry.suites._parses': ('suites.html#_parses', 'model_foundry/suites.py'),
                                       'model_foundry.suites.check_case': ('suites.html#check_case', 'model_foundry/suites.py'),
                                       'model_foundry.suites.load_suite': ('suites.html#load_suite', 'model_foundry/suites.py'),

@@ -283,6 +283,7 @@ def read_yaml(path) -> dict:
     p = Path(path)
     if not p.is_file(): raise ConfigError(f"config file not found: {p}")
     try: d = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError as e: raise ConfigError(f"{p} is not a text file: byte 0x{e.object[e.start:e.start + 1].hex()} at offset {e.start} is not UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ''

@@ -281,7 +281,8 @@ class TokenBlocks:
         if epoch != self._epoch:
             if self.shuffle:
                 rng = np.random.default_rng([self.seed, epoch])
-                self._perm, self._offset = rng.permutation(self.n_blocks), int(rng.integers(self.block_size))
+                room = min(self.block_size, len(self.tokens) - self.n_blocks * self.block_size)  # under T to spare below 2 blocks
+                self._perm, self._offset = rng.permutation(self.n_blocks), int(rng.integers(room))
             else: self._perm, self._offset = np.arange(self.n_blocks), 0
             self._epoch = epoch
         return self._perm, self._offset

@@ -26,7 +26,7 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = probs.cumsum(-1) - probs >= top_p  # tokens after the nucleus is complete; the first is always kept
-        logits[..., order[drop]] = float('-inf')
+        logits[drop.scatter(-1, order, drop)] = float('-inf')  # back from sorted order, row by row
     return logits
 
 # %% ../nbs/08_generation.ipynb #58a67fe9

@@ -145,6 +145,7 @@ class Plan:
     estimate: Optional[Estimate] = None
     warnings: list = field(default_factory=list)
     seconds_per_step: Optional[float] = None
+    precision_slowdown: float = 1.0
     def to_json(self) -> dict:
         "The plan as plain data (the estimate's total included)."
         return dict(asdict(self), memory_total=self.estimate.total if self.estimate else None)
@@ -176,7 +177,8 @@ def check_plan(cfg: ExperimentConfig, train_blocks: int, vocab_size: int, run_ro
         if need > plan.free_disk:
             plan.warnings.append(f"{t.keep_checkpoints} checkpoints, the best and the final model take about {_gib(need)}, more than the "
                                  f"{_gib(plan.free_disk)} free: the run may stop on a full disk (it resumes once space is freed)")
-    if (slow := precision_slowdown(device, precision)) > 1.5:
+    plan.precision_slowdown = slow = round(precision_slowdown(device, precision), 2)
+    if slow > 1.5:
         plan.warnings.append(f"training.precision={precision} on this CPU: its {precision} matrix products measured {slow:,.0f}x slower than fp32; "
                              "set training.precision=fp32 (or auto) unless you mean to test half precision")
     return plan

@@ -200,6 +200,7 @@ def _check_same_config(run: RunDir, resolved: ExperimentConfig):
             raise ConfigError(f"{run.config} is damaged ({e}) and the run records no config hash to check against: restore it, "
                               "or train into another --run-dir") from None
         log.warning(f"{run.config} is damaged ({str(e)[:200]}); checked against the hash in state.json instead, and rewritten")
+        if old == config_hash(resolved): save_config(resolved, run.config)
     if old != config_hash(resolved):
         raise ConfigError(f"run directory {run.root} was started with a different config (hash {old}, now {config_hash(resolved)}); "
                           f"use another --run-dir or delete that directory")

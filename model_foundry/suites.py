@@ -55,6 +55,7 @@ def load_suite(path) -> Suite:
     p = Path(path)
     if not p.is_file(): raise ConfigError(f'suite file not found: {p}')
     try: d = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError: raise ConfigError(f'suite {p} is not a text (UTF-8) YAML file') from None
     except yaml.YAMLError as e: raise ConfigError(f'invalid YAML in suite {p}: {str(e).splitlines()[0]}') from None
     try: return Suite.model_validate(d or {})
     except ValidationError as e: raise ConfigError(format_validation_error(e).replace('invalid config', f'invalid suite {p.name}')) from None
@@ -72,13 +73,20 @@ def _parses(text: str) -> Optional[str]:
     try: ast.parse(text + ' ' * indent + 'pass\n'); return None
     except SyntaxError: return err
 
+def _ends_early(text: str) -> bool:
+    "Whether `text` fails only where it stops: with a line added after it, the error moves onto that line (or goes)."
+    text = text if text.endswith('\n') else text + '\n'
+    try: ast.parse(text + '_\n'); return True
+    except SyntaxError as e: return (e.lineno or 0) > text.count('\n')
+
 def python_syntax_ok(prompt: str, completion: str) -> tuple[bool, Optional[str]]:
     "Whether prompt + completion is valid Python, judging a cut-off completion by its complete statements."
     text = prompt + completion
+    if not text.endswith('\n') and _parses(text + '\n') is None: return True, None  # its last line was whole
     if not text.endswith('\n'): text = text[:text.rfind('\n') + 1] if '\n' in text else text
     err = _parses(text)
     if err is None: return True, None
-    if not any(s in err for s in _EOF_ERRORS): return False, err
+    if not any(s in err for s in _EOF_ERRORS) and not _ends_early(text): return False, err
     lines, floor = text.split('\n'), max(1, prompt.count('\n'))
     for n in range(len(lines) - 1, floor - 1, -1):
         if _parses('\n'.join(lines[:n]) + '\n') is None: return True, None

@@ -59,7 +59,7 @@ def read(train, start: int, stop: int, mbs: int) -> list[torch.Tensor]:
 @given(T=st.integers(2, 16), blocks=st.integers(2, 12), extra=st.integers(0, 15), batch=st.integers(1, 7),
        accum=st.integers(1, 3), seed=st.integers(0, 2**32 - 1), epochs=st.integers(1, 3))
 def test_every_token_block_is_seen_exactly_once_per_epoch(T, blocks, extra, batch, accum, seed, epochs):
-    n_train = blocks * T + extra  # at least two blocks (a shorter split: see the xfail below)
+    n_train = blocks * T + extra  # at least two blocks (a shorter split: see below)
     dls = DataLoaders.from_config(token_prepared(n_train, T + 1), DataConfig(batch_size=batch, max_sequence_length=T), seed)
     n, spb = len(dls.train), batch * accum
     steps = math.ceil(epochs * n / spb)  # the last step crosses into the next epoch when spb does not divide it
@@ -73,9 +73,6 @@ def test_every_token_block_is_seen_exactly_once_per_epoch(T, blocks, extra, batc
     assert n * T > n_train - 1 - 2 * T  # and an epoch leaves out fewer than two blocks' worth of tokens
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    'BUG data.TokenBlocks: with shuffle and a train split of T+1 .. 2T-1 tokens (T = max_sequence_length), n_blocks is '
-    'max(1, 0) = 1 but the epoch offset is drawn from [0, T), so start + T + 1 runs past the split: IndexError in rows()'))
 @FEW
 @example(T=8, extra=1, seed=0)
 @given(T=st.integers(2, 16), extra=st.integers(1, 15), seed=st.integers(0, 2**32 - 1))
@@ -372,10 +369,6 @@ def test_a_sampled_token_is_always_one_the_filters_kept(row, k, p, temperature, 
     assert 0 <= tok < len(row) and bool(torch.isfinite(filter_logits(logits / temperature, k, p)[tok]))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'BUG generation.filter_logits with top_p on a 2-D [batch, vocab] tensor: `logits[..., order[drop]]` flattens the '
-    'per-row drop mask into one list of columns applied to every row, so rows lose tokens of other rows (all -inf here). '
-    'Latent: next_token passes 1-D logits only, but top_k does handle batches (`[..., -1, None]`)'))
 @FEW
 @example(rows=[[5.0, 0.0, 0.0], [0.0, 0.0, 5.0]], p=0.5)
 @given(rows=st.integers(1, 12).flatmap(lambda v: st.lists(st.lists(logit, min_size=v, max_size=v), min_size=2, max_size=4)),
@@ -436,10 +429,6 @@ def test_valid_python_ending_in_a_newline_is_judged_valid_at_any_split(stmts, sp
     assert python_syntax_ok(program[:i], program[i:]) == (True, None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG suites.python_syntax_ok: valid Python whose last line has no newline and closes a bracket opened on an earlier "
-    "line is judged invalid: the unterminated last line is dropped as cut off, and the fallback over complete lines stops "
-    "at max(1, prompt lines), above the bracket's opening line. python_syntax_ok('x = [\\n', '    1,\\n    2]') -> False"))
 @FEW
 @example(stmts=[['x = [', '    1,', '    2]']], split=6)
 @given(stmts=programs, split=st.integers(0, 10**6))
@@ -463,10 +452,6 @@ def test_a_cut_off_completion_of_simple_statements_is_judged_by_its_complete_sta
     assert python_syntax_ok(*_cut_off_valid(stmts, k, cut)) == (True, None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG suites.python_syntax_ok: a completion cut off inside a try block or right after a decorator is judged a syntax "
-    "error: Python's errors there (\"expected 'except' or 'finally' block\", 'invalid syntax' after '@dec') are not in "
-    "_EOF_ERRORS, so the fallback to the complete statements never runs. python_syntax_ok('x = 1\\n', 'try:\\n    y = 2\\n') -> False"))
 @FEW
 @example(stmts=[['x = 1'], ['try:', '    y = 2', 'except E:', '    pass']], k=1, cut=15)
 @given(stmts=st.lists(statement(), min_size=2, max_size=5), k=st.integers(1, 4), cut=st.integers(0, 10**6))
@@ -549,10 +534,6 @@ def test_truncating_metrics_keeps_exactly_the_whole_records_up_to_the_step(entri
         assert not (Path(d)/'missing.jsonl').exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'BUG loop.truncate_metrics: a damaged metrics.jsonl stops the resume with a traceback instead of losing the bad line: '
-    'a line that is JSON but not an object (e.g. `7`) raises AttributeError (`.get` on an int), '
-    'a non-UTF-8 byte raises UnicodeDecodeError (read_text), a non-numeric step raises TypeError'))
 @FEW
 @example(junk=[b'7'])
 @example(junk=[b'\xff\xfe'])
