@@ -268,3 +268,31 @@ def test_sigterm_during_a_long_evaluation_is_honoured_within_a_second_and_the_ev
     assert res.returncode == 0, res.stderr[-3000:]
     evals = [json.loads(l)['step'] for l in (run/'metrics.jsonl').read_text().splitlines() if '"eval"' in l]
     assert evals == [1, 2] and state(run)['status'] == 'completed'
+
+
+@pytest.mark.parametrize('case,expected', [
+    ('empty file', 'holds no readable text'),
+    ('random bytes', 'is not utf-8 text: byte 0x'),
+    ('directory of binaries', 'holds no readable text (3 files skipped)'),
+    ('missing path', 'no such file or directory'),
+    ('indivisible width', 'model.embedding_size (30) must be divisible by model.attention_heads (4)'),
+    ('bad yaml', 'invalid YAML'),
+])
+def test_the_rest_of_the_table_is_one_line_each(tmp_path, cache_dir, capsys, case, expected):
+    "The table's other rows, through the real entry point in this process (the same code path as the command, without its start-up)."
+    import random
+    from model_foundry.cli import main
+    corpus, sets = tmp_path/'corpus.txt', []
+    if case == 'empty file': corpus.write_text('')
+    elif case == 'random bytes': corpus.write_bytes(bytes([0xff, 0xfe]) + random.Random(0).randbytes(4000))
+    elif case == 'directory of binaries':
+        corpus = tmp_path/'bins'; corpus.mkdir()
+        for i in range(3): (corpus/f'b{i}.dat').write_bytes(b'\x00\xff' + random.Random(i).randbytes(500))
+    elif case == 'missing path': corpus = tmp_path/'nope.txt'
+    elif case == 'indivisible width': corpus, sets = REPO/'tests'/'data'/'tiny.txt', ['--set', 'model.embedding_size=30']
+    cfg = write_config(tmp_path, corpus)
+    if case == 'bad yaml': cfg.write_text('data:\n  batch_size: [8\n')
+    code = main(['train', str(cfg), '--run-dir', str(tmp_path/'run'), *sets])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith('foundry: error:') and expected in err[-1], (code, err)
+    assert not any('Traceback' in l for l in err) and not (tmp_path/'run').exists()
