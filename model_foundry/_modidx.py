@@ -355,6 +355,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                           'model_foundry.generation.cache_of': ('generation.html#cache_of', 'model_foundry/generation.py'),
                                           'model_foundry.generation.context_length': ( 'generation.html#context_length',
                                                                                        'model_foundry/generation.py'),
+                                          'model_foundry.generation.dropped_characters': ( 'generation.html#dropped_characters',
+                                                                                           'model_foundry/generation.py'),
                                           'model_foundry.generation.filter_logits': ( 'generation.html#filter_logits',
                                                                                       'model_foundry/generation.py'),
                                           'model_foundry.generation.generate': ('generation.html#generate', 'model_foundry/generation.py'),

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['filter_logits', 'penalize_repeats', 'next_token', 'context_length', 'Generation', 'lean_gpt2_step', 'cache_of',
-           'cache_kwarg', 'generate_ids', 'generate', 'generate_batch_ids', 'generate_batch']
+           'cache_kwarg', 'generate_ids', 'dropped_characters', 'generate', 'generate_batch_ids', 'generate_batch']
 
 # %% ../nbs/08_generation.ipynb #dbc08d9d
 import inspect, time
@@ -14,6 +14,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .config import log
 
 # %% ../nbs/08_generation.ipynb #985261ab
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
@@ -146,11 +148,18 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 100, temper
     return out
 
 # %% ../nbs/08_generation.ipynb #cd9cf14c
+def dropped_characters(tokenizer, text: str) -> str:
+    "The characters of `text` that do not survive `tokenizer` (encoded, then decoded), in order of appearance; '' when none."
+    back = tokenizer.decode(tokenizer(text, add_special_tokens=False)['input_ids']) if text else ''
+    return ''.join(dict.fromkeys(c for c in text if c not in back))
+
+# %% ../nbs/08_generation.ipynb #3c6c4ce9
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: Optional[int] = None, stop_at_eos: bool = True,
              repetition_penalty: float = 1.0, stop: Sequence[str] = ()) -> Generation:
     "Continue `prompt` with `model`; the completion (prompt excluded) ends before the first `stop` string."
     prompt_ids = tokenizer(prompt, add_special_tokens=False)['input_ids'] if prompt else []
+    if lost := dropped_characters(tokenizer, prompt): log.warning(f"the tokenizer does not know {lost!r}: the model continues the prompt without them")
     stop = [x for x in stop if x]
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
     should_stop = (lambda out: any(x in decode(out) for x in stop)) if stop else None

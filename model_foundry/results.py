@@ -16,7 +16,7 @@ from .config import ConfigError, load_config, log
 from .finetune import finetune_model
 from .samples import prepare_data, split_blocks
 from .evaluation import evaluate_split
-from .generation import generate
+from .generation import dropped_characters, generate
 from .model import build_model, load_pretrained, resolve_device, resolve_precision
 from .reports import file_perplexity, plot_losses, plot_suite, read_metrics, write_report
 from .run import RunDir, damaged, final_problem, publish_run, seed_everything
@@ -98,6 +98,8 @@ def playground(source=None, model=None, tokenizer=None, prompt: str = 'def ', ma
              max_new_tokens=W.IntSlider(value=max_new_tokens, min=1, max=1000, description='max tokens'),
              seed=W.IntText(value=0, description='seed'), button=W.Button(description='Generate', button_style='primary'),
              output=W.Output())
+    for w in c.values():
+        if hasattr(w, 'style') and hasattr(w.style, 'description_width'): w.style.description_width = 'initial'  # labels in full
     status = W.HTML()
 
     def run(_=None):
@@ -105,11 +107,13 @@ def playground(source=None, model=None, tokenizer=None, prompt: str = 'def ', ma
                      None if c['top_p'].value >= 1.0 else c['top_p'].value, c['seed'].value)
         c['output'].clear_output()
         with c['output']: print(box.value + g.text)
-        status.value = f'{len(g.token_ids)} tokens, {g.tokens_per_s:,.0f} tokens/s'
+        lost = dropped_characters(tokenizer, box.value)
+        status.value = f'{len(g.token_ids)} tokens, {g.tokens_per_s:,.0f} tokens/s' + (f'; not in the vocabulary, left out: {lost!r}' if lost else '')
         panel.last = g
 
     c['button'].on_click(run)
     panel = W.VBox([box, W.HBox([c['temperature'], c['top_k']]), W.HBox([c['top_p'], c['max_new_tokens']]),
                     W.HBox([c['seed'], c['button'], status]), c['output']])
-    panel.controls, panel.last = c, None
+    panel.add_class('foundry-playground')  # a stable hook for styles and browser tests
+    panel.controls, panel.status, panel.last = c, status, None
     return panel
