@@ -46,12 +46,12 @@ def parameter_counts(cfg: ExperimentConfig, vocab_size: int) -> Optional[dict]:
 # %% ../nbs/11a_plan.ipynb #ea3e1e37
 def activation_bytes(cfg: ExperimentConfig, micro_batch: int, precision: str = 'fp32', vocab_size: Optional[int] = None,
                      layers: Optional[int] = None, width: Optional[int] = None, inner: Optional[int] = None, gated: bool = False) -> int:
-    "Estimated peak activation bytes of one micro-batch of `micro_batch` sequences (half precision: about 60%)."
+    "Estimated peak activation bytes of one micro-batch of `micro_batch` sequences (half precision: 40% of fp32's)."
     m, T = cfg.model, cfg.data.max_sequence_length
     L, h, i = layers or m.layers, width or m.embedding_size, inner or m.inner_size
     gated = gated or (m.init == 'scratch' and m.architecture == 'llama')
     per_token = L * (36 * h + (33 if gated else 16) * i) + 3 * 4 * (vocab_size or cfg.tokenizer.vocab_size or 0)
-    return int(micro_batch * T * per_token * (1.0 if precision == 'fp32' else 0.6))
+    return int(micro_batch * T * per_token * (1.0 if precision == 'fp32' else 0.4))
 
 # %% ../nbs/11a_plan.ipynb #48dea21a
 @dataclass
