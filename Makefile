@@ -34,7 +34,7 @@ run: install
 # Coverage of model_foundry/ across nbdev-test, pytest and every Python process they start: COVERAGE_PROCESS_START
 # makes each Python process start coverage (coverage's .pth; [tool.coverage.run] in pyproject.toml, patch=subprocess
 # passes it on), all of them writing .coverage.* in the repository root; combined and reported at the end.
-# tools/coverage_imports.py (a .pth in the venv) keeps the tracer off while other packages load: a third of the cost;
+# tools/coverage_imports.py (a .pth in the venv) keeps the tracer off while other packages load (most of the cost);
 # tools/coverage_nbdev_test.py is nbdev-test with the notebooks' exported cells measured as their module's lines.
 COVERAGE_FLOOR ?= 90
 COVERAGE_DATA  := COVERAGE_FILE="$(CURDIR)/.coverage"
@@ -43,7 +43,7 @@ MEASURED       := $(COVERAGE_DATA) COVERAGE_PROCESS_START="$(CURDIR)/pyproject.t
 test: install-dev browser
 	$(BIN)/python tools/coverage_imports.py
 	$(COVERAGE_DATA) $(BIN)/coverage erase
-	$(MEASURED) $(BIN)/python tools/coverage_nbdev_test.py --n-workers 2
+	$(MEASURED) OMP_NUM_THREADS=1 $(BIN)/python tools/coverage_nbdev_test.py --n-workers 2
 	$(MEASURED) OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not gpu" --durations=12 tests
 	$(COVERAGE_DATA) $(BIN)/coverage combine --quiet
 	$(COVERAGE_DATA) $(BIN)/coverage report --fail-under=$(COVERAGE_FLOOR)

@@ -126,7 +126,10 @@ def test_sigterm_to_a_job_stops_its_run_at_a_checkpoint_and_the_job_resumes_ther
     assert state['status'] == 'interrupted' and 100 <= step < 500, state
     assert (run/'checkpoints'/f'step-{step:08d}'/'COMPLETE').is_file()  # the step it stopped at was checkpointed
     # the kernel got the stop as its interrupt (SIGINT), so the run stopped as `foundry train` does
-    assert f'interrupted at step {step}' in out and f'SIGINT received: finishing step {step}' in outputs_text(run/'train.ipynb')
+    # (during the short update the step finishes; during its long backward pass it is dropped and the step before is checkpointed)
+    said = outputs_text(run/'train.ipynb')
+    assert f'interrupted at step {step}' in out and (f'SIGINT received: finishing step {step}' in said
+                                                     or f'SIGINT received: stopping now, checkpointing step {step}' in said), said[-2000:]
 
     res = foundry('job', 'train', cfg, '--run-dir', run, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

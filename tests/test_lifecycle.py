@@ -68,25 +68,28 @@ def assert_same_weights(a, b):
     for k in wa: assert torch.equal(wa[k], wb[k]), k
 
 
-def running(run):
-    try: return json.loads((Path(run)/'state.json').read_text()).get('status') == 'running'
+def running(run, pid=None):
+    "The run is marked running (by process `pid`, when given: a killed trainer leaves its own 'running' behind)."
+    try: st = json.loads((Path(run)/'state.json').read_text())
     except (OSError, ValueError): return False
+    return st.get('status') == 'running' and (pid is None or st.get('pid') == pid)
 
 
-def mid_write(ck: Path) -> bool:
-    "A checkpoint write is in progress: a temporary directory, or a step directory without COMPLETE."
+def mid_write(ck: Path, pid=None) -> bool:
+    "A checkpoint write is in progress: a temporary directory (of process `pid`, when given), or a step directory without COMPLETE."
     if not ck.is_dir(): return False
-    return any(p.name.startswith('.tmp-') or (p.name.startswith('step-') and not (p/'COMPLETE').exists()) for p in ck.iterdir())
+    tmp = lambda p: p.name.startswith('.tmp-') and (pid is None or p.name.endswith(f'-{pid}'))  # not one a killed trainer left
+    return any(tmp(p) or (p.name.startswith('step-') and not (p/'COMPLETE').exists()) for p in ck.iterdir())
 
 
 def kill_during_checkpoint_write(proc, run) -> bool:
     "Freeze the process with SIGSTOP the moment a checkpoint write is seen, and SIGKILL it if still mid-write."
     ck = Path(run)/'checkpoints'
     while proc.poll() is None:
-        if not wait_until(lambda: mid_write(ck) or proc.poll() is not None, timeout=60, every=0): break
+        if not wait_until(lambda: mid_write(ck, proc.pid) or proc.poll() is not None, timeout=60, every=0): break
         if proc.poll() is not None: break
         proc.send_signal(signal.SIGSTOP)
-        if mid_write(ck):
+        if mid_write(ck, proc.pid):
             proc.kill(); proc.wait()
             return True
         proc.send_signal(signal.SIGCONT)  # the write had just finished: try the next one
@@ -104,7 +107,7 @@ def test_training_resumes_from_latest_checkpoint_after_interruption(tmp_path, ca
     kills, mid_write_kills = [], 0
     for attempt in range(6):
         proc = start_train(cfg, run)
-        assert wait_until(lambda: running(run) or proc.poll() is not None, timeout=120)
+        assert wait_until(lambda: running(run, proc.pid) or proc.poll() is not None, timeout=120)  # this trainer, past its start-up
         if attempt % 2 == 0:  # a kill at a random moment of training
             time.sleep(rng.uniform(0.05, 0.8))
             if proc.poll() is None: proc.kill(); proc.wait(); kills.append('random')
