@@ -251,7 +251,9 @@ class MetricsLogger(Callback):
     order = ORDERS['MetricsLogger']
     def __init__(self, path, every: int = 10): self.path, self.every, self.t0 = Path(path), every, time.time(); self._reset()
     def _reset(self): self.losses, self.time = [], 0.0
-    def before_fit(self): self.t0 = time.time(); self._reset()
+    def before_fit(self): self.t0 = time.time()  # the window of steps since the last record goes on (restored on resume)
+    def state_dict(self) -> dict: return dict(losses=list(self.losses), time=self.time)  # a resumed run's next record averages the same steps
+    def load_state_dict(self, d: dict): self.losses, self.time = list(d['losses']), d['time']
 
     def after_step(self):
         l, s = self.learn, self.learn.state

@@ -183,7 +183,7 @@ def test_latin1_corpus_with_data_encoding_trains(tmp_path, cache_dir):
     corpus.write_bytes(text.encode('latin-1'))
     cfg, run = write_config(tmp_path, corpus), tmp_path/'run'
     res = foundry('train', cfg, '--run-dir', run)
-    assert_one_line_error(res, f'{corpus} is not utf-8 text: byte 0xe9 at offset 13 (line 1) cannot be decoded; set data.encoding')
+    assert_one_line_error(res, f'{corpus} is not utf-8 text: byte 0xe9 at offset 12 (line 1) cannot be decoded; set data.encoding')
     assert not run.exists()
     res = foundry('train', cfg, '--run-dir', run, '--set', 'data.encoding=latin-1')
     assert res.returncode == 0 and state(run)['status'] == 'completed', res.stderr[-3000:]
