@@ -126,7 +126,7 @@ def test_callback_events_fire_in_documented_order(tmp_path, capsys):
 def test_no_test_skips_without_a_gpu_or_browser_reason(tmp_path):
     "The skip policy (tests/skip_policy.py) fails a session whose test skips for a missing file, and lets GPU and browser skips pass."
     import subprocess, sys
-    (tmp_path/'test_bad.py').write_text("import pytest\ndef test_needs_data():\n    pytest.skip('data not found at ../shared')\n")
+    (tmp_path/'test_bad.py').write_text("import pytest\ndef test_needs_data():\n    pytest.skip('corpus not found at /nonexistent/corpus.txt')\n")
     (tmp_path/'test_ok.py').write_text("import pytest\n@pytest.mark.gpu\ndef test_cuda():\n    pytest.skip('no CUDA device')\n"
                                        "def test_browser():\n    pytest.skip('no Chromium on this machine')\n")
     def session(*files):
