@@ -100,8 +100,8 @@ class Preemption(Callback):
             log.warning(f'{signal.Signals(signum).name} received: stopping now, checkpointing step {s.step} '
                         '(the work in progress runs again on resume)')
             raise Interrupted()
-        log.warning(f'{signal.Signals(signum).name} received: finishing step {s.step + 1}, then checkpointing '
-                    '(send it again to exit at once)')
+        now = f'finishing step {s.step + 1}, then checkpointing' if self.learn.stepping else f'stopping after step {s.step}, checkpointing it'
+        log.warning(f'{signal.Signals(signum).name} received: {now} (send it again to exit at once)')
 
     def after_fit(self):
         for s, h in self.previous.items(): signal.signal(s, h)

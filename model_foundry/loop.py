@@ -75,6 +75,7 @@ class Learner:
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == 'fp16' else None  # fp16 needs loss scaling
         self.micro_batch_size = dls.batch_size  # halves on out-of-memory; samples per step never change
         self.abortable = False  # inside work a stop signal may cut short (see `abortable`)
+        self.stepping = False   # between a step's start and its `state.step += 1`: a signal then lets that step finish
         self.state, self.cbs = TrainerState(), []
         for cb in cbs: self.add_cb(cb)
 
@@ -207,16 +208,18 @@ def one_step(learn: Learner):
     s, t0 = learn.state, time.perf_counter()
     start, rng = s.samples_seen, capture_rng()
     s.improved = s.skip_step = False
+    learn.stepping = True
     learn('before_step')
     learn.model.train()
     try:
         with abortable(learn): loss = backward(learn)
     except Interrupted:  # nothing of this step is kept: no gradients, the data and random position of its start
-        learn.opt.zero_grad(set_to_none=True); s.samples_seen = start; restore_rng(rng)
+        learn.opt.zero_grad(set_to_none=True); s.samples_seen = start; restore_rng(rng); learn.stepping = False
         raise
     learn('after_backward')
     update(learn, loss)
     s.step += 1
+    learn.stepping = False
     s.step_time = time.perf_counter() - t0
     if eval_due(learn): eval_phase(learn)
     learn('after_step')

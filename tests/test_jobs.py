@@ -128,10 +128,10 @@ def test_sigterm_to_a_job_stops_its_run_at_a_checkpoint_and_the_job_resumes_ther
     # the kernel got the stop as its interrupt (SIGINT), so the run stopped as `foundry train` does
     # (during the short update the step finishes; during its long backward pass it is dropped and the step before is checkpointed)
     said = outputs_text(run/'train.ipynb')
-    # (a signal between two steps, while step `step` is checkpointed or logged, says 'finishing step {step + 1}' though no
-    # further step runs: the message's wording, left for later; the state and checkpoint are what count)
+    # where the signal lands decides the words, each naming the step the run stopped at: inside the step's update (it finishes),
+    # between two steps (while one is checkpointed or logged), or inside its backward pass (dropped: the step before is kept)
     assert f'interrupted at step {step}' in out and any(f'SIGINT received: {m}' in said for m in (
-        f'finishing step {step}', f'finishing step {step + 1}', f'stopping now, checkpointing step {step}')), said[-2000:]
+        f'finishing step {step}', f'stopping after step {step}', f'stopping now, checkpointing step {step}')), said[-2000:]
 
     res = foundry('job', 'train', cfg, '--run-dir', run, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
