@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'StopReason', 'CKPT_RE', 'MANIFEST', 'COMPLETE', 'QUARANTINE', 'ADAPTER_WEIGHTS', 'capture_rng',
-           'restore_rng', 'TrainerState', 'checkpoint_name', 'sha256_file', 'write_manifest', 'is_adapter_model',
-           'save_weights', 'load_weights', 'save_checkpoint', 'checkpoint_dirs', 'list_checkpoints',
+           'restore_rng', 'seed_rank', 'TrainerState', 'checkpoint_name', 'sha256_file', 'write_manifest',
+           'is_adapter_model', 'save_weights', 'load_weights', 'save_checkpoint', 'checkpoint_dirs', 'list_checkpoints',
            'read_trainer_state', 'is_legacy', 'verify_checkpoint', 'quarantine', 'tidy_checkpoints',
-           'intact_checkpoints', 'load_checkpoint', 'prune_checkpoints']
+           'intact_checkpoints', 'rank_rng', 'load_checkpoint', 'prune_checkpoints']
 
 # %% ../nbs/04_checkpointing.ipynb #d5c0da17
 import dataclasses, hashlib, json, random, re, shutil, time
@@ -38,6 +38,12 @@ def restore_rng(d: dict):
     torch.set_rng_state(d['torch'].cpu())
     if 'cuda' in d and torch.cuda.is_available():
         for i, s in enumerate(d['cuda'][:torch.cuda.device_count()]): torch.cuda.set_rng_state(s.cpu(), i)
+
+# %% ../nbs/04_checkpointing.ipynb #ff487f3d
+def seed_rank(step: int, rank: int):
+    "Seed every generator for a rank that has no saved state (a run resumed on more processes than wrote it), from step and rank."
+    seed = (1_000_003 * (rank + 1) + step) % 2**32
+    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
 # %% ../nbs/04_checkpointing.ipynb #5a9413b0
 FORMAT_VERSION = 2
@@ -130,8 +136,8 @@ def load_weights(model, d: Path, device):
     if res.unexpected_keys or missing: raise ValueError(f'adapter in {d} does not fit the model: unexpected {res.unexpected_keys[:3]}, missing {missing[:3]}')
 
 # %% ../nbs/04_checkpointing.ipynb #c4377bc0
-def save_checkpoint(root, model, state: TrainerState, optimizer=None, scheduler=None, scaler=None) -> Path:
-    "Write the checkpoint of `state.step` under `root`: files, config, manifest, COMPLETE, then one rename."
+def save_checkpoint(root, model, state: TrainerState, optimizer=None, scheduler=None, scaler=None, rng_states: Optional[list] = None) -> Path:
+    "Write the checkpoint of `state.step` under `root`: files, config, manifest, COMPLETE, then one rename; `rng_states`: every rank's."
     with replacing(Path(root)/checkpoint_name(state.step), durable=True) as tmp:
         tmp.mkdir()
         save_weights(model, tmp)
@@ -139,7 +145,9 @@ def save_checkpoint(root, model, state: TrainerState, optimizer=None, scheduler=
         if optimizer is not None: torch.save(optimizer.state_dict(), tmp/'optimizer.pt')
         if scheduler is not None: torch.save(scheduler.state_dict(), tmp/'scheduler.pt')
         if scaler is not None: torch.save(scaler.state_dict(), tmp/'scaler.pt')
-        torch.save(capture_rng(), tmp/'rng.pt')
+        rng_states = rng_states or [capture_rng()]
+        torch.save(rng_states[0], tmp/'rng.pt')
+        if len(rng_states) > 1: torch.save(rng_states, tmp/'rng-ranks.pt')  # a distributed run: one state per rank
         (tmp/'trainer_state.json').write_text(json.dumps(state.to_json(), indent=1))
         write_manifest(tmp)
         (tmp/COMPLETE).write_text(json.dumps(dict(step=state.step)))
@@ -220,8 +228,14 @@ def intact_checkpoints(root) -> list[Path]:
     return [p for p in reversed(checkpoint_dirs(root)) if verify_checkpoint(p) is None]
 
 # %% ../nbs/04_checkpointing.ipynb #cd10c1ad
-def load_checkpoint(path, model, optimizer=None, scheduler=None, scaler=None, restore_rng_state: bool = True) -> TrainerState:
-    "Restore `model` (and optimizer, scheduler, scaler, RNG states when given) from checkpoint `path`; return its trainer state."
+def rank_rng(path, rank: int = 0) -> Optional[dict]:
+    "The RNG states rank `rank` saved in checkpoint `path`; None for a rank the writing run did not have."
+    path, load = Path(path), lambda name: torch.load(Path(path)/name, map_location='cpu', weights_only=True)
+    states = load('rng-ranks.pt') if (path/'rng-ranks.pt').is_file() else [load('rng.pt')]
+    return states[rank] if rank < len(states) else None
+
+def load_checkpoint(path, model, optimizer=None, scheduler=None, scaler=None, restore_rng_state: bool = True, rank: int = 0) -> TrainerState:
+    "Restore `model` (and optimizer, scheduler, scaler, rank `rank`'s RNG states when given) from checkpoint `path`; return its trainer state."
     path = Path(path)
     device = next(model.parameters()).device
     load = lambda name, where: torch.load(path/name, map_location=where, weights_only=True)
@@ -229,8 +243,11 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, scaler=None, re
     if optimizer is not None: optimizer.load_state_dict(load('optimizer.pt', device))
     if scheduler is not None: scheduler.load_state_dict(load('scheduler.pt', 'cpu'))
     if scaler is not None and (path/'scaler.pt').is_file(): scaler.load_state_dict(load('scaler.pt', 'cpu'))
-    if restore_rng_state: restore_rng(load('rng.pt', 'cpu'))
-    return read_trainer_state(path)
+    st = read_trainer_state(path)
+    if restore_rng_state:
+        if (rng := rank_rng(path, rank)) is not None: restore_rng(rng)
+        else: seed_rank(st.step, rank)  # a rank the writing run did not have (resumed on more processes)
+    return st
 
 # %% ../nbs/04_checkpointing.ipynb #44d8774b
 def prune_checkpoints(root, keep_last: int, protect=()) -> list[Path]:

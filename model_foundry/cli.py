@@ -7,7 +7,7 @@ __all__ = ['cmd_prepare', 'cmd_train', 'cmd_validate', 'cmd_eval', 'cmd_upload',
            'cmd_job_evaluate', 'cmd_sweep', 'cmd_make_base', 'corpus_overrides', 'cmd_corpus', 'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #ec33a2f5
-import argparse, json, logging, sys
+import argparse, json, logging, os, signal, sys
 from pathlib import Path
 
 import yaml
@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 
 from .config import ConfigError, load_config, log, parse_override
 from .corpus import build_corpus, corpus_settings, search_corpus
+from .distributed import Dist, dist_from_env, rank_share, run_torchrun, torchrun_command
 from .data import corpus_files, read_chunks, usable_files
 from .finetune import make_base_model
 from .samples import prepare_data
@@ -23,7 +24,7 @@ from .generation import generate
 from .jobs import JobFailed, evaluate_job, parse_grid, sweep, train_job, wandb_sweep_config
 from .loop import TrainingError
 from .results import evaluate_run, load_run, upload
-from .run import RunDir, RunInterrupted, default_run_dir, train
+from .run import RunDir, RunInterrupted, check_unlocked, default_run_dir, train
 from .plan import format_plan
 from .validate import validate
 
@@ -96,12 +97,31 @@ def _run_line(run_dir, st: dict) -> str:
             f"at step {st.get('best_step')}")
 
 def cmd_train(args) -> int:
-    "foundry train: train, resume or skip a completed run."
+    "foundry train: train, resume or skip a completed run; with `--nproc N`, as N processes under torchrun."
     cfg = _config(args)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    nproc = getattr(args, 'nproc', 1)
+    if nproc > 1: return _train_torchrun(args, cfg, run_dir)
+    if nproc < 1: raise ConfigError(f'--nproc must be 1 or more, not {nproc}')
     st = train(cfg, run_dir)
-    print(f"{_run_line(run_dir, st)}; final model in {RunDir(run_dir).final}")
+    if dist_from_env().main: print(f"{_run_line(run_dir, st)}; final model in {RunDir(run_dir).final}")
     return 0
+
+def _train_torchrun(args, cfg, run_dir: Path) -> int:
+    "Check what can be checked here (config, the share of a step per process, the lock), then run the torchrun job and say how it ended."
+    rank_share(cfg.data.batch_size * cfg.training.gradient_accumulation_steps, Dist(0, args.nproc))
+    check_unlocked(RunDir(run_dir))
+    code, sig = run_torchrun(torchrun_command(args.nproc, ['train', args.config, '--run-dir', run_dir, *[x for s in args.set for x in ('--set', s)]]))
+    st = RunDir(run_dir).read_state()
+    if code == 0: return 0  # rank 0 said how the run ended
+    if st.get('status') == 'interrupted':
+        print(f"foundry: run {run_dir} interrupted at step {st.get('step')}; checkpoint written, `foundry train` on it resumes", file=sys.stderr)
+        return 128 + (sig or 15)
+    if sig is not None:
+        print(f"foundry: run {run_dir} stopped by {signal.Signals(sig).name} before its first step; nothing to resume yet", file=sys.stderr)
+        return 128 + sig
+    return _fail(f"the {args.nproc}-process job ended with exit code {code} ({st.get('error') or 'see the lines above'}); "
+                 f"`foundry train {args.config} --run-dir {run_dir} --nproc N` resumes from its last complete checkpoint")
 
 def cmd_validate(args) -> int:
     "foundry validate: the checked plan of CONFIG with a measured time per step (`--json`: as data); nothing is written to the run."
@@ -259,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('config'); _set_arg(s)
     s.set_defaults(func=cmd_prepare)
 
-    _train_args(sub.add_parser('train', help='train (or resume) the run of CONFIG'), cmd_train)
+    _train_args(s := sub.add_parser('train', help='train (or resume) the run of CONFIG'), cmd_train)
+    s.add_argument('--nproc', type=int, default=1, help='processes on this machine, one per GPU: a torchrun job (DDP); default 1')
     s = sub.add_parser('validate', help="check CONFIG's plan (data, memory, disk, precision) and time a few steps; writes no run")
     _train_args(s, cmd_validate)
     s.add_argument('--steps', type=int, default=3, help='steps to time (the first is a warm-up; below 2: none)')
@@ -291,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     "Run the `foundry` command line; returns the exit code."
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level='INFO', format='%(message)s', stream=sys.stderr)
+    d = dist_from_env()  # under torchrun: rank 0 speaks, the others only warn, each line saying which rank
+    logging.basicConfig(level='INFO' if d.main else 'WARNING', format=f'[rank {d.rank}] %(message)s' if d.active else '%(message)s', stream=sys.stderr)
     hf_logging.disable_progress_bar()  # transformers' per-file load/save bars say nothing useful here
     try: return args.func(args) or 0
     except ConfigError as e: msg = str(e)
@@ -303,10 +325,27 @@ def main(argv=None) -> int:
         print(f"foundry: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt: return 130
+    except RuntimeError as e:  # under torchrun: a process of the job died or hung, and the collective this one was in failed
+        if not (d.active and _peer_lost(e)): raise
+        return _fail(f"rank {d.rank} of {d.world} lost contact with the other processes of the job ({str(e).splitlines()[0][:200]}); "
+                     "the run resumes from its last complete checkpoint when trained again")
+    finally: _leave_job()
     print(f"foundry: error: {msg}", file=sys.stderr)
     return 2
+
+def _peer_lost(e: BaseException) -> bool:
+    "Whether `e` is a failed collective: torch.distributed's own errors, or gloo's and nccl's runtime errors."
+    import torch.distributed as tdist
+    return isinstance(e, tdist.DistError) or any(w in str(e) for w in ('gloo', 'Gloo', 'NCCL', 'Connection closed by peer', 'Connection reset'))
+
+def _leave_job():
+    "Leave the torchrun job's process group, if this process joined one."
+    import torch.distributed as tdist
+    if tdist.is_initialized(): tdist.destroy_process_group()
 
 def _fail(msg: str) -> int:
     "Print `msg` as one error line; exit code 1 (the input was fine, the run could not go on)."
     print(f"foundry: error: {msg}", file=sys.stderr)
     return 1
+
+

@@ -182,6 +182,7 @@ class LoggingConfig(Section):
     wandb_upload_timeout: float = Field(600.0, gt=0)  # seconds per attempt to confirm the model artifact upload
     wandb_upload_retries: int = Field(3, ge=1)
     sample_prompts: list[str] = []                    # generated at each evaluation (W&B table); default: a slice of val text
+    sample_ledger: bool = False                       # RUN_DIR/samples.jsonl: each step's global sample ranges (resume proof)
 
 # %% ../nbs/00_config.ipynb #6b60718f
 class FinetuneConfig(Section):

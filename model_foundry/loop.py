@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['ORDERS', 'EVENTS', 'param_groups', 'make_optimizer', 'WarmupCosine', 'make_scheduler', 'TrainingError', 'Callback',
-           'Learner', 'Interrupted', 'abortable', 'backward', 'update', 'evaluate', 'eval_due', 'eval_phase',
-           'one_step', 'fit', 'memory_stats', 'MetricsLogger', 'ProgressBar', 'log_spaced_steps', 'CheckpointCallback',
-           'restore', 'restore_newest', 'truncate_metrics', 'resume']
+           'Learner', 'Interrupted', 'abortable', 'check_stop', 'heard_by_all', 'backward', 'update', 'evaluate',
+           'eval_due', 'eval_phase', 'one_step', 'fit', 'memory_stats', 'MetricsLogger', 'ProgressBar',
+           'log_spaced_steps', 'CheckpointCallback', 'restore', 'restore_newest', 'truncate_metrics', 'resume']
 
 # %% ../nbs/05_loop.ipynb #ad09e028
-import contextlib, dataclasses, gc, json, math, resource, sys, time
+import contextlib, dataclasses, gc, json, math, resource, signal, sys, time
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 from .checkpointing import (TrainerState, capture_rng, checkpoint_name, restore_rng, list_checkpoints, load_checkpoint, prune_checkpoints,
                                          save_checkpoint, tidy_checkpoints)
 from .config import TrainingConfig, log, replacing
-from .evaluation import IGNORE, evaluate_loss, lm_loss, perplexity
+from .distributed import (SINGLE, Dist, all_sum, all_sum_tensor, any_rank, barrier, broadcast_from_main, gather_to_main,
+                                       rank_share, share_micro_batch)
+from .evaluation import IGNORE, evaluate_loss, lm_loss, loss_sum, perplexity
 from .model import autocast_for
 
 # %% ../nbs/05_loop.ipynb #395ed9e0
@@ -51,7 +53,7 @@ def make_scheduler(opt: torch.optim.Optimizer, t: TrainingConfig) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(t.warmup_steps or 0, t.train_steps, t.min_lr / t.learning_rate))
 
 # %% ../nbs/05_loop.ipynb #2516df6b
-ORDERS = dict(Preemption=-10, EarlyStopping=15, MetricsLogger=20, NonFiniteGuard=25, CheckpointCallback=30,
+ORDERS = dict(Preemption=-10, EarlyStopping=15, MetricsLogger=20, NonFiniteGuard=25, SampleLedger=28, CheckpointCallback=30,
               SuiteCallback=40, WandbTracker=80, ProgressBar=90, JobLog=90)
 EVENTS = ('before_fit', 'before_step', 'after_backward', 'before_opt_step', 'after_eval', 'after_step', 'after_log', 'after_fit')
 
@@ -68,12 +70,13 @@ class Learner:
     "Runs `train_steps` optimizer steps of `model` on `dls`, evaluating every `eval_every`, calling `cbs` at each event."
     def __init__(self, model, dls, optimizer, scheduler=None, *, train_steps: int, eval_every: Optional[int] = None,
                  grad_accum: int = 1, max_grad_norm: Optional[float] = None, device: torch.device | str = 'cpu',
-                 precision: str = 'fp32', cbs=()):
+                 precision: str = 'fp32', cbs=(), dist: Dist = SINGLE, ddp=None):
         self.model, self.dls, self.opt, self.sched = model, dls, optimizer, scheduler
+        self.dist, self.ddp = dist, ddp  # this process's rank; `model` wrapped in DistributedDataParallel when there are several
         self.train_steps, self.eval_every, self.grad_accum, self.max_grad_norm = train_steps, eval_every, grad_accum, max_grad_norm
         self.device, self.precision = torch.device(device), precision
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == 'fp16' else None  # fp16 needs loss scaling
-        self.micro_batch_size = dls.batch_size  # halves on out-of-memory; samples per step never change
+        self.micro_batch_size = share_micro_batch(self.rank_samples, dls.batch_size)  # halves on out-of-memory; samples per step never change
         self.abortable = False  # inside work a stop signal may cut short (see `abortable`)
         self.stepping = False   # between a step's start and its `state.step += 1`: a signal then lets that step finish
         self.state, self.cbs = TrainerState(), []
@@ -94,7 +97,9 @@ class Learner:
         self('after_log', {'type': rec.pop('type'), 'step': rec.pop('step', self.state.step), **rec})
 
     @property
-    def samples_per_step(self) -> int: return self.dls.batch_size * self.grad_accum
+    def samples_per_step(self) -> int: return self.dls.batch_size * self.grad_accum  # of all ranks together
+    @property
+    def rank_samples(self) -> int: return rank_share(self.samples_per_step, self.dist)[1]
     @property
     def epoch(self) -> float: return self.state.samples_seen / len(self.dls.train)
     @property
@@ -107,34 +112,65 @@ class Interrupted(BaseException):
     "Raised inside an `abortable` block by a stop signal: the block's work is dropped and the run stops at a consistent state."
 
 @contextlib.contextmanager
-def abortable(learn: Learner):
-    "While in the block, a stop signal raises `Interrupted` at once instead of waiting for the step to end."
-    prev, learn.abortable = learn.abortable, True
+def abortable(learn: Learner, local: bool = False):
+    "While in the block, a stop signal raises `Interrupted` at once; with several ranks only in `local` work (no collectives)."
+    on = local or not learn.dist.active  # a rank leaving collective work alone would hang the others: `check_stop` decides there
+    prev, learn.abortable = learn.abortable, on
     try:
-        if learn.state.stop_reason == 'interrupted': raise Interrupted()  # the signal came just before the block
+        if on and learn.state.stop_reason == 'interrupted': raise Interrupted()  # the signal came just before the block
         yield
     finally: learn.abortable = prev
+
+def check_stop(learn: Learner, stop: bool = False):
+    "With several ranks: every rank learns whether a stop signal reached any of them (a collective), and all raise `Interrupted` together."
+    s = learn.state
+    if not learn.dist.active: return
+    sig = any_rank(learn.dist, (s.signal or signal.SIGTERM) if s.stop_reason == 'interrupted' else 0)
+    if sig:
+        s.stop_reason, s.signal = 'interrupted', s.signal or sig
+        if not stop: raise Interrupted()
+
+@contextlib.contextmanager
+def heard_by_all(learn: Learner):
+    "Rank-local work (rank 0's suite, W&B samples) a signal may cut short; on leaving it every rank learns whether any stopped."
+    if not learn.dist.active:
+        with abortable(learn): yield
+        return
+    try:
+        with abortable(learn, local=True): yield
+    except Interrupted: pass  # this rank stopped: `check_stop` tells the others, and all raise together
+    check_stop(learn)
 
 # %% ../nbs/05_loop.ipynb #9b73d278
 def _is_cpu_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 def _accumulate(learn: Learner) -> torch.Tensor:
-    "Forward and backward over the step's micro-batches; the step's mean loss over its counted targets (a tensor)."
-    mbs, total, s = learn.micro_batch_size, torch.zeros((), device=learn.device), learn.state
-    batches = [learn.dls.train.batch(s.samples_seen + i * mbs, mbs) for i in range(learn.samples_per_step // mbs)]
+    "Forward and backward over this rank's micro-batches of the step; this rank's part of the step's mean loss (a tensor)."
+    mbs, total, s, d = learn.micro_batch_size, torch.zeros((), device=learn.device), learn.state, learn.dist
+    first = s.samples_seen + rank_share(learn.samples_per_step, d)[0]  # this rank's share of the global sample sequence
+    learn.batched = [(first + i * mbs, mbs) for i in range(learn.rank_samples // mbs)]
+    batches = [learn.dls.train.batch(a, n) for a, n in learn.batched]
     counts = [int((b[1] != IGNORE).sum()) for b in batches]  # each micro-batch weighs what it counts: the step's mean is exact
-    for b, n in zip(batches, counts):
-        s.samples_seen += mbs
-        with autocast_for(learn.device, learn.precision):
-            loss = lm_loss(learn.model, *(t.to(learn.device, non_blocking=True) for t in b))
-        scaled = loss * (n / max(sum(counts), 1))
-        (learn.scaler.scale(scaled) if learn.scaler else scaled).backward()
+    counted = all_sum(d, [sum(counts)])[0]  # over every rank's micro-batches
+    model = learn.ddp or learn.model
+    for i, (b, n) in enumerate(zip(batches, counts)):
+        check_stop(learn)
+        last = i == len(batches) - 1  # DDP averages gradients over the ranks once, in the last micro-batch's backward
+        with contextlib.nullcontext() if learn.ddp is None or last else learn.ddp.no_sync():
+            with autocast_for(learn.device, learn.precision):
+                loss = lm_loss(model, *(t.to(learn.device, non_blocking=True) for t in b))
+            scaled = loss * (n * d.world / max(counted, 1))  # x world: DDP's average over the ranks becomes the sum
+            (learn.scaler.scale(scaled) if learn.scaler else scaled).backward()
         total += scaled.detach()
+    s.samples_seen += learn.samples_per_step
     return total
 
 def _shrink_micro_batch(learn: Learner, start: int):
     "After an out-of-memory error: drop the gradients, rewind the data, halve the micro-batch."
+    if learn.dist.active:  # one rank alone cannot change its micro-steps: the others would wait for its gradients forever
+        raise TrainingError(f'out of memory on rank {learn.dist.rank} at step {learn.state.step + 1} with a micro-batch of {learn.micro_batch_size}: '
+                            'lower data.batch_size (`foundry tune-batch` finds the largest that fits)')
     learn.opt.zero_grad(set_to_none=True)
     learn.state.samples_seen = start
     gc.collect()
@@ -164,6 +200,7 @@ def update(learn: Learner, loss: Optional[torch.Tensor] = None):
     s = learn.state
     if learn.scaler: learn.scaler.unscale_(learn.opt)
     norm = torch.nn.utils.clip_grad_norm_(learn.model.parameters(), learn.max_grad_norm or math.inf)
+    if loss is not None and learn.dist.active: loss = all_sum_tensor(learn.dist, loss) / learn.dist.world
     if loss is None: s.grad_norm = norm.item()
     else: s.loss, s.grad_norm = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()
     learn('before_opt_step')
@@ -176,8 +213,19 @@ def update(learn: Learner, loss: Optional[torch.Tensor] = None):
 
 # %% ../nbs/05_loop.ipynb #068cc160
 def evaluate(learn: Learner) -> float:
-    "Validation loss of the learner's model on its fixed validation batches."
-    return evaluate_loss(learn.model, learn.dls.valid, learn.device, learn.precision)
+    "Validation loss on the fixed validation batches, shared among the ranks round by round (a stop signal is heard between rounds)."
+    d, batches, model = learn.dist, learn.dls.valid, learn.model
+    if not d.active: return evaluate_loss(model, batches, learn.device, learn.precision)
+    total = n = 0.0
+    was = model.training; model.eval()
+    try:
+        for i in range(0, len(batches), d.world):  # every rank goes through every round: the collectives stay paired
+            check_stop(learn)
+            if i + d.rank < len(batches):
+                t, k = loss_sum(model, batches[i + d.rank], learn.device, learn.precision); total += t; n += k
+    finally: model.train(was)
+    total, n = all_sum(d, [total, n])
+    return total / max(n, 1)
 
 def eval_due(learn: Learner) -> bool:
     "Whether this step ends with an evaluation: every `eval_every` steps, and at the last."
@@ -195,7 +243,7 @@ def eval_phase(learn: Learner):
             s.improved = s.best_val_loss is None or s.val_loss < s.best_val_loss
             if s.improved: s.best_val_loss, s.best_step = s.val_loss, s.step
             learn.log(type='eval', val_loss=s.val_loss, val_perplexity=perplexity(s.val_loss), best_val_loss=s.best_val_loss, best_step=s.best_step)
-            learn('after_eval')
+            with heard_by_all(learn): learn('after_eval')
     except Interrupted:
         s.val_loss, s.best_val_loss, s.best_step, s.improved = before
         for cb, d in cbs.items(): cb.load_state_dict(d)
@@ -220,6 +268,7 @@ def one_step(learn: Learner):
     update(learn, loss)
     s.step += 1
     learn.stepping = False
+    check_stop(learn, stop=True)  # several ranks: a signal one of them heard during the update ends the step on all of them
     s.step_time = time.perf_counter() - t0
     if eval_due(learn): eval_phase(learn)
     learn('after_step')
@@ -231,7 +280,9 @@ def fit(learn: Learner):
         if learn.state.eval_pending:  # the step is done; its evaluation and `after_step` were cut short by a signal
             learn.state.eval_pending = False
             eval_phase(learn); learn('after_step')
-        while learn.state.step < learn.train_steps and learn.state.stop_reason is None: one_step(learn)
+        while learn.state.step < learn.train_steps and learn.state.stop_reason is None:
+            one_step(learn)
+            check_stop(learn, stop=True)  # several ranks: a signal one of them heard in `after_step` stops them all here
     except Interrupted: pass  # stop_reason is 'interrupted': `CheckpointCallback.after_fit` saves where the dropped work began
     finally: learn('after_fit')
 
@@ -314,13 +365,17 @@ class CheckpointCallback(Callback):
                                            or s.step in self.early or s.stop_reason is not None)
 
     def save(self) -> Path:
-        "Checkpoint the current step, then prune."
+        "Checkpoint the current step (rank 0 writes, with every rank's RNG states; the others wait), then prune."
         l, s = self.learn, self.learn.state
-        s.callbacks = {type(cb).__name__: cb.state_dict() for cb in l.cbs if hasattr(cb, 'state_dict')}
-        path = save_checkpoint(self.root, l.model, dataclasses.replace(s, **self.facts), l.opt, l.sched, l.scaler)
+        rngs = gather_to_main(l.dist, capture_rng())
+        path = self.root/checkpoint_name(s.step)
+        if l.dist.main:
+            s.callbacks = {type(cb).__name__: cb.state_dict() for cb in l.cbs if hasattr(cb, 'state_dict')}
+            save_checkpoint(self.root, l.model, dataclasses.replace(s, **self.facts), l.opt, l.sched, l.scaler, rng_states=rngs)
+            keep = [self.root/checkpoint_name(x) for x in (*self.early, *([s.best_step] if s.best_step is not None else []))]
+            prune_checkpoints(self.root, self.keep, protect=keep)
+        barrier(l.dist)
         s.saved_step = s.step
-        keep = [self.root/checkpoint_name(x) for x in (*self.early, *([s.best_step] if s.best_step is not None else []))]
-        prune_checkpoints(self.root, self.keep, protect=keep)
         return path
 
     def after_step(self):
@@ -333,7 +388,7 @@ class CheckpointCallback(Callback):
 # %% ../nbs/05_loop.ipynb #bad86901
 def restore(learn: Learner, ckpt) -> TrainerState:
     "Put `learn` back where checkpoint `ckpt` was taken: weights, optimizer, schedule, RNG, trainer state, callbacks."
-    st = load_checkpoint(ckpt, learn.model, learn.opt, learn.sched, learn.scaler)
+    st = load_checkpoint(ckpt, learn.model, learn.opt, learn.sched, learn.scaler, rank=learn.dist.rank)
     st.saved_step, st.stop_reason = st.step, None  # a checkpoint written on a stop continues as any other
     learn.state = st
     for cb in learn.cbs:
@@ -366,11 +421,13 @@ def truncate_metrics(path, step: int, eval_pending: bool = False):
 
 def resume(learn: Learner, checkpoints, metrics=None) -> Optional[Path]:
     "Continue from the newest loadable checkpoint under `checkpoints`; None for a run that never completed one."
+    d = learn.dist
     had = [p.name for p in list_checkpoints(checkpoints)]
-    ckpt, failed = restore_newest(learn, tidy_checkpoints(checkpoints))
-    if ckpt is None and had:
+    tidy = broadcast_from_main(d, tidy_checkpoints(checkpoints) if d.main else None)  # rank 0 alone moves leftovers aside
+    ckpt, failed = restore_newest(learn, tidy)
+    if any_rank(d, ckpt is None) and had:
         raise TrainingError(f"none of the {len(had)} checkpoints in {checkpoints} can be resumed ({'; '.join(failed) or 'all quarantined'}); "
                             f"nothing was trained over them: move them away to start again")
-    if metrics is not None: truncate_metrics(metrics, learn.state.step, learn.state.eval_pending)
+    if metrics is not None and d.main: truncate_metrics(metrics, learn.state.step, learn.state.eval_pending)
     if ckpt is not None: learn.log(type='resume', checkpoint=ckpt.name)
     return ckpt

@@ -24,7 +24,8 @@ from .config import ConfigError, ExperimentConfig, config_hash, log, load_config
 from .data import PreparedData
 from .finetune import finetune_model, format_report, max_logit_difference, merged_model, parameter_report
 from .samples import DataLoaders, prepare_data, split_blocks
-from .lifecycle import EarlyStopping, NonFiniteGuard, Preemption
+from .distributed import SINGLE, Dist, barrier, broadcast_from_main, init_distributed
+from .lifecycle import EarlyStopping, NonFiniteGuard, Preemption, SampleLedger
 from .loop import CheckpointCallback, Learner, MetricsLogger, ProgressBar, TrainingError, make_optimizer, make_scheduler, resume
 from .model import build_model, resolve_device, resolve_precision
 from .plan import check_plan
@@ -48,6 +49,7 @@ class RunDir:
     final = property(lambda self: self.root/'final')
     environment = property(lambda self: self.root/'environment.json')
     lock_file = property(lambda self: self.root/'trainer.lock')
+    samples = property(lambda self: self.root/'samples.jsonl')
 
     def read_state(self) -> dict:
         "The run state, or {} for a new run; a damaged state.json is rebuilt from checkpoints, final/ and metrics (`rebuild_state`)."
@@ -265,36 +267,43 @@ def tracking(cfg: ExperimentConfig, run: RunDir, prepared: PreparedData):
 
 # %% ../nbs/12_run.ipynb #79002317
 def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, progress: bool = True, callbacks=(),
-                  facts: Optional[dict] = None) -> Learner:
-    "The learner of a resolved `cfg`: model, data, optimizer, schedule and standard callbacks."
+                  facts: Optional[dict] = None, dist: Dist = SINGLE) -> Learner:
+    "The learner of a resolved `cfg`: model (wrapped in DDP on several ranks), data, optimizer, schedule and standard callbacks."
     t = cfg.training
     device = resolve_device(t.device)
+    if dist.active and device.type == 'cuda': device = torch.device('cuda', dist.local_rank)  # one GPU per process
     seed_everything(cfg.random_seed)
     if cfg.model.init == 'pretrained': model = finetune_model(cfg, device)  # full, LoRA or QLoRA
     else: model = build_model(cfg.model, prepared.vocab_size, cfg.data.max_sequence_length, prepared.tokenizer.eos_token_id).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) if dist.active else None
     opt = make_optimizer(model, t, device)
-    cbs = [MetricsLogger(run.metrics, t.log_interval),
-           CheckpointCallback(run.checkpoints, t.checkpoint_interval, t.keep_checkpoints, t.log_spaced_checkpoints,
+    cbs = [CheckpointCallback(run.checkpoints, t.checkpoint_interval, t.keep_checkpoints, t.log_spaced_checkpoints,
                               dict(config_hash=config_hash(cfg), **(facts or {}))),
-           NonFiniteGuard(t.nonfinite_patience, t.nonfinite_action, t.rollback_lr_factor, run.checkpoints),
-           Preemption(), ProgressBar(t.log_interval, disable=None if progress else True), *callbacks]  # bar: only on a terminal
+           NonFiniteGuard(t.nonfinite_patience, t.nonfinite_action, t.rollback_lr_factor, run.checkpoints), Preemption()]
+    if dist.main:  # what writes or shows: rank 0 alone
+        cbs += [MetricsLogger(run.metrics, t.log_interval), ProgressBar(t.log_interval, disable=None if progress else True), *callbacks]
+        if t.behavioral_suite: cbs.append(SuiteCallback(load_suite(t.behavioral_suite), prepared.tokenizer))
     if t.early_stopping_patience: cbs.append(EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta))
-    if t.behavioral_suite: cbs.append(SuiteCallback(load_suite(t.behavioral_suite), prepared.tokenizer))
+    if cfg.logging.sample_ledger: cbs.append(SampleLedger(run.samples))
     return Learner(model, DataLoaders.from_config(prepared, cfg.data, cfg.random_seed, t.eval_batches), opt, make_scheduler(opt, t),
                    train_steps=t.train_steps, eval_every=t.eval_interval, grad_accum=t.gradient_accumulation_steps,
-                   max_grad_norm=t.max_grad_norm, device=device, precision=resolve_precision(device, t.precision), cbs=cbs)
+                   max_grad_norm=t.max_grad_norm, device=device, precision=resolve_precision(device, t.precision), cbs=cbs,
+                   dist=dist, ddp=ddp)
 
 # %% ../nbs/12_run.ipynb #b576078a
 def start(run: RunDir, learn: Learner, cfg: ExperimentConfig, train_blocks: int, vocab_size: int) -> Optional[Path]:
     "Resume `learn` from the run's checkpoints (if any), say where training starts, and mark the run running."
     ckpt = resume(learn, run.checkpoints, run.metrics)
     params = parameter_report(learn.model, cfg.finetune)
-    if ckpt is not None: log.info(f"resuming {run.root} from {ckpt.name}: continuing at step {learn.state.step + 1} of {learn.train_steps}")
+    if not learn.dist.main: return ckpt  # rank 0 says it and writes the state
+    on = (f'{learn.dist.world} processes ({learn.device.type}; each {learn.rank_samples // learn.micro_batch_size} micro-batch(es) of '
+          f'{learn.micro_batch_size} per step)' if learn.dist.active else learn.device)
+    if ckpt is not None: log.info(f"resuming {run.root} from {ckpt.name}: continuing at step {learn.state.step + 1} of {learn.train_steps} on {on}")
     else: log.info(f"training {params['trainable']:,} of {params['total']:,} parameters ({cfg.finetune.method if cfg.model.init == 'pretrained' else 'from scratch'}) "
-                   f"for {learn.train_steps} steps on {learn.device} ({learn.precision}); {train_blocks:,} train blocks of "
+                   f"for {learn.train_steps} steps on {on} ({learn.precision}); {train_blocks:,} train blocks of "
                    f"{cfg.data.max_sequence_length} tokens\n{format_report(params)}")
     run.write_state(status='running', config_hash=config_hash(cfg), train_blocks=train_blocks, vocab_size=vocab_size,
-                    resumed_from=ckpt.name if ckpt else None, pid=os.getpid(), error=None, parameters=params)
+                    resumed_from=ckpt.name if ckpt else None, pid=os.getpid(), world_size=learn.dist.world, error=None, parameters=params)
     return ckpt
 
 # %% ../nbs/12_run.ipynb #9701bdff
@@ -361,31 +370,38 @@ def finish(run: RunDir, learn: Learner, cfg: ExperimentConfig, tokenizer, wrun=N
     "Record how training ended; for a run that ran its course, export final/ (and hand it to W&B); the final state."
     s, t = learn.state, cfg.training
     best = dict(step=s.step, best_step=s.best_step, best_val_loss=s.best_val_loss, last_val_loss=s.val_loss)
+    main = learn.dist.main  # the other ranks of a torchrun job end the same way, writing nothing
     if s.stop_reason == 'interrupted':
-        run.write_state(status='interrupted', **best)
+        if main: run.write_state(status='interrupted', **best)
         raise RunInterrupted(f'run {run.root} interrupted at step {s.step}; checkpoint written, `foundry train` on it resumes',
                              128 + (s.signal or signal.SIGINT))
     if s.stop_reason == 'nonfinite':
-        run.write_state(status='failed', error='non-finite loss or gradient norm in a row; see metrics.jsonl', **best)
+        if main: run.write_state(status='failed', error='non-finite loss or gradient norm in a row; see metrics.jsonl', **best)
         raise TrainingError(f'run {run.root} stopped at step {s.step}: {t.nonfinite_patience} non-finite steps in a row '
                             f'(training.nonfinite_action={t.nonfinite_action}); checkpoints kept')
+    status = 'early_stopped' if s.stop_reason == 'early_stopped' else 'completed'
+    if not main: return dict(status=status, **best)
     export_final(run, learn, tokenizer, cfg)
-    state = run.write_state(status='early_stopped' if s.stop_reason == 'early_stopped' else 'completed', **best)
+    state = run.write_state(status=status, **best)
     return publish_run(cfg, run, wrun, state) if wrun is not None else state
 
 # %% ../nbs/12_run.ipynb #a449d6ae
 def train(cfg: ExperimentConfig, run_dir=None, progress: bool = True, callbacks=()) -> dict:
-    "Train, resume, or (when finished) skip the run of `cfg` in `run_dir`; return its final state."
-    run = RunDir(run_dir or default_run_dir(cfg))
-    if (done := skip_finished(run, cfg)) is not None: return done
-    check_unlocked(run)
-    prepared, resolved, train_blocks = plan_run(cfg, run, progress)
-    for w in check_plan(resolved, train_blocks, prepared.vocab_size, run.root).warnings: log.warning(w)
-    with trainer_lock(run), recording_failure(run):
-        env = write_run_files(run, resolved, prepared)
-        with tracking(resolved, run, prepared) as (wrun, trackers):
-            facts = dict(git_commit=env['git_commit'], tracker_run_id=run.read_state().get('tracker_run_id'))
-            learn = build_learner(resolved, prepared, run, progress, [*callbacks, *trackers], facts)
+    "Train, resume, or (when finished) skip the run of `cfg` in `run_dir`; return its final state. Under torchrun rank 0 alone writes."
+    run, d = RunDir(run_dir or default_run_dir(cfg)), init_distributed(resolve_device(cfg.training.device).type)
+    only = lambda cm: cm if d.main else contextlib.nullcontext((None, []))
+    if (done := broadcast_from_main(d, skip_finished(run, cfg) if d.main else None)) is not None: return done
+    if d.main: check_unlocked(run)
+    else: barrier(d)  # rank 0 prepares the data first; the others find it in the cache
+    prepared, resolved, train_blocks = plan_run(cfg, run, progress and d.main)
+    if d.main:
+        for w in check_plan(resolved, train_blocks, prepared.vocab_size, run.root).warnings: log.warning(w)
+        barrier(d)
+    with only(trainer_lock(run)), only(recording_failure(run)):
+        env = write_run_files(run, resolved, prepared) if d.main else {}
+        with only(tracking(resolved, run, prepared)) as (wrun, trackers):
+            facts = broadcast_from_main(d, dict(git_commit=env.get('git_commit'), tracker_run_id=run.read_state().get('tracker_run_id')))
+            learn = build_learner(resolved, prepared, run, progress and d.main, [*callbacks, *trackers], facts, d)
             start(run, learn, resolved, train_blocks, prepared.vocab_size)
             learn.fit()
             return finish(run, learn, resolved, prepared.tokenizer, wrun)

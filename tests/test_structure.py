@@ -64,11 +64,11 @@ def documented_callbacks() -> dict:
 
 def callback_classes() -> dict:
     from model_foundry.jobs import JobLog
-    from model_foundry.lifecycle import EarlyStopping, NonFiniteGuard, Preemption
+    from model_foundry.lifecycle import EarlyStopping, NonFiniteGuard, Preemption, SampleLedger
     from model_foundry.loop import CheckpointCallback, MetricsLogger, ProgressBar
     from model_foundry.suites import SuiteCallback
     from model_foundry.tracking import WandbTracker
-    return {c.__name__: c for c in (Preemption, NonFiniteGuard, EarlyStopping, MetricsLogger, CheckpointCallback, SuiteCallback,
+    return {c.__name__: c for c in (Preemption, NonFiniteGuard, EarlyStopping, MetricsLogger, SampleLedger, CheckpointCallback, SuiteCallback,
                                     WandbTracker, ProgressBar, JobLog)}
 
 
@@ -87,7 +87,8 @@ def test_callback_events_fire_in_documented_order(tmp_path, capsys):
     from model_foundry.run import RunDir, build_learner
     (tmp_path/'suite.yaml').write_text("name: s\nmax_new_tokens: 4\nprompts:\n  - {name: a, language: text, prompt: 'the '}\n")
     cfg = tiny_config(tmp_path, training=dict(train_steps=6, eval_interval=3, checkpoint_interval=3, log_interval=2,
-                                              behavioral_suite=str(tmp_path/'suite.yaml'), early_stopping_patience=5))
+                                              behavioral_suite=str(tmp_path/'suite.yaml'), early_stopping_patience=5),
+                      logging=dict(dir=str(tmp_path/'runs'), sample_ledger=True))
     class Probe:  # sees the two events no standard callback handles
         order = -20
         def before_step(self): pass
