@@ -70,9 +70,10 @@ class Learner:
     "Runs `train_steps` optimizer steps of `model` on `dls`, evaluating every `eval_every`, calling `cbs` at each event."
     def __init__(self, model, dls, optimizer, scheduler=None, *, train_steps: int, eval_every: Optional[int] = None,
                  grad_accum: int = 1, max_grad_norm: Optional[float] = None, device: torch.device | str = 'cpu',
-                 precision: str = 'fp32', cbs=(), dist: Dist = SINGLE, ddp=None):
+                 precision: str = 'fp32', cbs=(), dist: Dist = SINGLE, ddp=None, compiled=None):
         self.model, self.dls, self.opt, self.sched = model, dls, optimizer, scheduler
         self.dist, self.ddp = dist, ddp  # this process's rank; `model` wrapped in DistributedDataParallel when there are several
+        self.compiled = compiled  # torch.compile of `ddp or model` for the training forward; everything else uses `model`
         self.train_steps, self.eval_every, self.grad_accum, self.max_grad_norm = train_steps, eval_every, grad_accum, max_grad_norm
         self.device, self.precision = torch.device(device), precision
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == 'fp16' else None  # fp16 needs loss scaling
@@ -153,7 +154,7 @@ def _accumulate(learn: Learner) -> torch.Tensor:
     batches = [learn.dls.train.batch(a, n) for a, n in learn.batched]
     counts = [int((b[1] != IGNORE).sum()) for b in batches]  # each micro-batch weighs what it counts: the step's mean is exact
     counted = all_sum(d, [sum(counts)])[0]  # over every rank's micro-batches
-    model = learn.ddp or learn.model
+    model = next(m for m in (learn.compiled, learn.ddp, learn.model) if m is not None)  # (a compiled module has no truth value)
     for i, (b, n) in enumerate(zip(batches, counts)):
         check_stop(learn)
         last = i == len(batches) - 1  # DDP averages gradients over the ranks once, in the last micro-batch's backward
@@ -295,8 +296,9 @@ def memory_stats(device: torch.device | str = 'cpu') -> dict:
     d = dict(peak_ram_mb=round(peak, 1))
     if torch.device(device).type == 'cuda':
         mb = lambda b: round(b / 2**20, 1)
-        d.update(gpu_allocated_mb=mb(torch.cuda.memory_allocated(device)), gpu_reserved_mb=mb(torch.cuda.memory_reserved(device)),
-                 gpu_peak_allocated_mb=mb(torch.cuda.max_memory_allocated(device)))
+        alloc, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+        d.update(gpu_allocated_mb=mb(alloc), gpu_reserved_mb=mb(reserved), gpu_reserved_gap_mb=mb(reserved - alloc),  # the gap: fragmentation
+                 gpu_peak_allocated_mb=mb(torch.cuda.max_memory_allocated(device)), gpu_peak_reserved_mb=mb(torch.cuda.max_memory_reserved(device)))
     return d
 
 # %% ../nbs/05_loop.ipynb #50b139d8

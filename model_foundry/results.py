@@ -18,7 +18,7 @@ from .samples import prepare_data, split_blocks
 from .evaluation import evaluate_split
 from .generation import dropped_characters, generate
 from .model import build_model, load_pretrained, resolve_device, resolve_precision
-from .reports import file_perplexity, plot_losses, plot_suite, read_metrics, write_report
+from .reports import file_perplexity, plot_losses, plot_suite, read_metrics, training_summary, write_report
 from .run import RunDir, damaged, final_problem, publish_run, seed_everything
 from .suites import load_suite, run_suite
 from .tracking import resolve_model_source, start_wandb
@@ -82,7 +82,7 @@ def evaluate_run(run_dir, suites=(), texts=(), batch_size: Optional[int] = None,
     rep = dict(run=str(run.root), model='final' if run.final.is_dir() else 'latest checkpoint', step=run.read_state().get('step'),
                seed=cfg.random_seed, validation=val,
                texts=[file_perplexity(model, tok, t, cfg.data.max_sequence_length, device) for t in texts],
-               suites=[run_suite(model, tok, s) for s in loaded], plots=[str(p) for p in plots])
+               suites=[run_suite(model, tok, s) for s in loaded], plots=[str(p) for p in plots], training=training_summary(records))
     write_report(rep, out)
     return rep
 

@@ -24,6 +24,7 @@ from .config import ConfigError, ExperimentConfig, config_hash, log, load_config
 from .data import PreparedData
 from .finetune import finetune_model, format_report, max_logit_difference, merged_model, parameter_report
 from .samples import DataLoaders, prepare_data, split_blocks
+from .compute import compile_for_training, cuda_settings, enable_gradient_checkpointing, set_attention
 from .distributed import SINGLE, Dist, barrier, broadcast_from_main, init_distributed
 from .lifecycle import EarlyStopping, NonFiniteGuard, Preemption, SampleLedger
 from .loop import CheckpointCallback, Learner, MetricsLogger, ProgressBar, TrainingError, make_optimizer, make_scheduler, resume
@@ -272,9 +273,14 @@ def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, pr
     t = cfg.training
     device = resolve_device(t.device)
     if dist.active and device.type == 'cuda': device = torch.device('cuda', dist.local_rank)  # one GPU per process
+    precision = resolve_precision(device, t.precision)
+    if device.type == 'cuda': cuda_settings(t.tf32)  # before the first allocation
     seed_everything(cfg.random_seed)
     if cfg.model.init == 'pretrained': model = finetune_model(cfg, device)  # full, LoRA or QLoRA
     else: model = build_model(cfg.model, prepared.vocab_size, cfg.data.max_sequence_length, prepared.tokenizer.eos_token_id).to(device)
+    compute = dict(attention=set_attention(model, t.attention, device, precision), gradient_checkpointing=t.gradient_checkpointing,
+                   compile=t.compile_backend if t.compile else None)
+    if t.gradient_checkpointing: enable_gradient_checkpointing(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) if dist.active else None
     opt = make_optimizer(model, t, device)
     cbs = [CheckpointCallback(run.checkpoints, t.checkpoint_interval, t.keep_checkpoints, t.log_spaced_checkpoints,
@@ -285,10 +291,12 @@ def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, pr
         if t.behavioral_suite: cbs.append(SuiteCallback(load_suite(t.behavioral_suite), prepared.tokenizer))
     if t.early_stopping_patience: cbs.append(EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta))
     if cfg.logging.sample_ledger: cbs.append(SampleLedger(run.samples))
-    return Learner(model, DataLoaders.from_config(prepared, cfg.data, cfg.random_seed, t.eval_batches), opt, make_scheduler(opt, t),
+    learn = Learner(model, DataLoaders.from_config(prepared, cfg.data, cfg.random_seed, t.eval_batches), opt, make_scheduler(opt, t),
                    train_steps=t.train_steps, eval_every=t.eval_interval, grad_accum=t.gradient_accumulation_steps,
-                   max_grad_norm=t.max_grad_norm, device=device, precision=resolve_precision(device, t.precision), cbs=cbs,
-                   dist=dist, ddp=ddp)
+                   max_grad_norm=t.max_grad_norm, device=device, precision=precision, cbs=cbs, dist=dist, ddp=ddp,
+                   compiled=compile_for_training(model if ddp is None else ddp, t.compile_backend) if t.compile else None)
+    learn.compute = compute
+    return learn
 
 # %% ../nbs/12_run.ipynb #b576078a
 def start(run: RunDir, learn: Learner, cfg: ExperimentConfig, train_blocks: int, vocab_size: int) -> Optional[Path]:
@@ -298,9 +306,12 @@ def start(run: RunDir, learn: Learner, cfg: ExperimentConfig, train_blocks: int,
     if not learn.dist.main: return ckpt  # rank 0 says it and writes the state
     on = (f'{learn.dist.world} processes ({learn.device.type}; each {learn.rank_samples // learn.micro_batch_size} micro-batch(es) of '
           f'{learn.micro_batch_size} per step)' if learn.dist.active else learn.device)
+    c = getattr(learn, 'compute', {})
+    how = ', '.join([f"{c['attention']} attention"] * bool(c.get('attention')) + ['gradient checkpointing'] * bool(c.get('gradient_checkpointing'))
+                    + [f"compiled ({c['compile']})"] * bool(c.get('compile')))
     if ckpt is not None: log.info(f"resuming {run.root} from {ckpt.name}: continuing at step {learn.state.step + 1} of {learn.train_steps} on {on}")
     else: log.info(f"training {params['trainable']:,} of {params['total']:,} parameters ({cfg.finetune.method if cfg.model.init == 'pretrained' else 'from scratch'}) "
-                   f"for {learn.train_steps} steps on {on} ({learn.precision}); {train_blocks:,} train blocks of "
+                   f"for {learn.train_steps} steps on {on} ({', '.join([learn.precision] + [how] * bool(how))}); {train_blocks:,} train blocks of "
                    f"{cfg.data.max_sequence_length} tokens\n{format_report(params)}")
     run.write_state(status='running', config_hash=config_hash(cfg), train_blocks=train_blocks, vocab_size=vocab_size,
                     resumed_from=ckpt.name if ckpt else None, pid=os.getpid(), world_size=learn.dist.world, error=None, parameters=params)

@@ -1,0 +1,88 @@
+"""Compute options change how a model is computed, never what: gradient checkpointing gives the same gradients, a compiled
+run writes checkpoints that load without compile (and resume without it), and the attention choice says what it fell back to."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_foundry.compute import enable_gradient_checkpointing, set_attention
+from model_foundry.config import ModelConfig, config_hash
+from model_foundry.fixtures import tiny_config
+from model_foundry.model import build_model
+
+
+def gradients(model, x):
+    model.zero_grad(set_to_none=True)
+    model(input_ids=x, labels=x, use_cache=False).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'llama', 'starcoder2'])
+def test_gradient_checkpointing_gives_same_gradients(arch):
+    model = build_model(ModelConfig(architecture=arch, layers=3, embedding_size=64, attention_heads=4), vocab_size=97,
+                        context_length=32, seed=0).train()
+    x = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))
+    plain = gradients(model, x)
+    enable_gradient_checkpointing(model)
+    assert model.is_gradient_checkpointing
+    again = gradients(model, x)
+    assert plain.keys() == again.keys() and len(plain) > 0
+    worst = max((plain[k] - again[k]).abs().max().item() for k in plain)
+    assert worst <= 1e-6, worst  # the same function recomputed: equal up to float rounding (here typically 0)
+
+
+def test_gradient_checkpointing_with_lora_gives_same_adapter_gradients():
+    from peft import LoraConfig, get_peft_model
+    base = build_model(ModelConfig(architecture='llama', layers=2, embedding_size=64, attention_heads=4), vocab_size=97, context_length=32, seed=0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], init_lora_weights=False)).train()
+    x = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(1))
+    plain = gradients(model, x)
+    enable_gradient_checkpointing(model)
+    again = gradients(model, x)
+    assert all('lora_' in k for k in plain) and plain.keys() == again.keys() and len(plain) == 8
+    assert max((plain[k] - again[k]).abs().max().item() for k in plain) <= 1e-6
+
+
+def test_unavailable_attention_falls_back_and_says_so(caplog):
+    model = build_model(ModelConfig(layers=1, embedding_size=32, attention_heads=2), vocab_size=40, context_length=16, seed=0)
+    with caplog.at_level('WARNING', logger='model_foundry'):
+        chosen = set_attention(model, 'flash_attention_2', 'cpu', 'fp32')
+    assert chosen == 'sdpa' and model.config._attn_implementation == 'sdpa'
+    assert 'training.attention flash_attention_2 is not available (it needs CUDA): using sdpa' in caplog.text
+
+
+def _train(tmp_path, name, **training):
+    from model_foundry.run import train
+    cfg = tiny_config(tmp_path, training=dict(train_steps=8, eval_interval=4, log_interval=1, **training))
+    state = train(cfg, tmp_path/name, progress=False)
+    losses = [r['loss'] for r in map(json.loads, (tmp_path/name/'metrics.jsonl').read_text().splitlines()) if r['type'] == 'train']
+    return cfg, state, losses
+
+
+@pytest.mark.slow
+def test_compiled_model_checkpoint_loads_without_compile(tmp_path, cache_dir):
+    "torch.compile (aot_eager: Dynamo and AOTAutograd without a C++ toolchain; the gpu tier compiles with inductor)."
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    torch._dynamo.reset()
+    cfg, state, compiled = _train(tmp_path, 'compiled', compile=True, compile_backend='aot_eager')
+    _, _, plain = _train(tmp_path, 'plain')
+    assert state['status'] == 'completed' and len(compiled) == len(plain) == 8
+    assert max(abs(a - b) for a, b in zip(compiled, plain)) <= 1e-4, (compiled, plain)
+    ckpt = tmp_path/'compiled'/'checkpoints'/'step-00000008'
+    with safe_open(str(ckpt/'model.safetensors'), 'pt') as f: names = list(f.keys())
+    assert names and not any('_orig_mod' in n for n in names), names[:5]
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt)  # plain transformers, no compile
+    x = torch.randint(0, loaded.config.vocab_size, (2, 16))
+    assert torch.isfinite(loaded(x).logits).all()
+    # the compute options are not part of what was trained: the same run goes on without compile, with checkpointing
+    more = tiny_config(tmp_path, training=dict(train_steps=12, eval_interval=4, log_interval=1, gradient_checkpointing=True))
+    assert config_hash(more.model_copy(update=dict(training=more.training.model_copy(update=dict(train_steps=8))))) == config_hash(cfg)
+
+
+@pytest.mark.slow
+def test_a_run_with_gradient_checkpointing_trains_as_one_without(tmp_path, cache_dir):
+    _, _, on = _train(tmp_path, 'on', gradient_checkpointing=True)
+    _, _, off = _train(tmp_path, 'off')
+    assert max(abs(a - b) for a, b in zip(on, off)) <= 1e-5, (on, off)
