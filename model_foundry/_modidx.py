@@ -102,6 +102,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'model_foundry.cli.cmd_prepare': ('cli.html#cmd_prepare', 'model_foundry/cli.py'),
                                    'model_foundry.cli.cmd_sweep': ('cli.html#cmd_sweep', 'model_foundry/cli.py'),
                                    'model_foundry.cli.cmd_train': ('cli.html#cmd_train', 'model_foundry/cli.py'),
+                                   'model_foundry.cli.cmd_tune_batch': ('cli.html#cmd_tune_batch', 'model_foundry/cli.py'),
                                    'model_foundry.cli.cmd_upload': ('cli.html#cmd_upload', 'model_foundry/cli.py'),
                                    'model_foundry.cli.cmd_validate': ('cli.html#cmd_validate', 'model_foundry/cli.py'),
                                    'model_foundry.cli.corpus_overrides': ('cli.html#corpus_overrides', 'model_foundry/cli.py'),
@@ -743,5 +744,11 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                         'model_foundry.tracking.resolve_model_source': ( 'tracking.html#resolve_model_source',
                                                                                          'model_foundry/tracking.py'),
                                         'model_foundry.tracking.start_wandb': ('tracking.html#start_wandb', 'model_foundry/tracking.py')},
-            'model_foundry.validate': { 'model_foundry.validate.time_steps': ('validate.html#time_steps', 'model_foundry/validate.py'),
-                                        'model_foundry.validate.validate': ('validate.html#validate', 'model_foundry/validate.py')}}}
+            'model_foundry.validate': { 'model_foundry.validate._oom': ('validate.html#_oom', 'model_foundry/validate.py'),
+                                        'model_foundry.validate.search_micro_batch': ( 'validate.html#search_micro_batch',
+                                                                                       'model_foundry/validate.py'),
+                                        'model_foundry.validate.step_fits': ('validate.html#step_fits', 'model_foundry/validate.py'),
+                                        'model_foundry.validate.time_steps': ('validate.html#time_steps', 'model_foundry/validate.py'),
+                                        'model_foundry.validate.tune_batch': ('validate.html#tune_batch', 'model_foundry/validate.py'),
+                                        'model_foundry.validate.validate': ('validate.html#validate', 'model_foundry/validate.py'),
+                                        'model_foundry.validate.write_tuned': ('validate.html#write_tuned', 'model_foundry/validate.py')}}}

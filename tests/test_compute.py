@@ -86,3 +86,42 @@ def test_a_run_with_gradient_checkpointing_trains_as_one_without(tmp_path, cache
     _, _, on = _train(tmp_path, 'on', gradient_checkpointing=True)
     _, _, off = _train(tmp_path, 'off')
     assert max(abs(a - b) for a, b in zip(on, off)) <= 1e-5, (on, off)
+
+
+def test_batch_size_finder_backs_off_on_out_of_memory(tmp_path, cache_dir):
+    """The real search over real steps of a real learner; out of memory is injected (a CPU cannot raise it on demand: its
+    kernel kills instead) by a forward hook that raises torch.OutOfMemoryError, as CUDA does, above 12 samples."""
+    from model_foundry.fixtures import tiny_prepared
+    from model_foundry.run import RunDir, build_learner
+    from model_foundry.validate import search_micro_batch, step_fits
+    cfg = tiny_config(tmp_path, data=dict(batch_size=4), training=dict(train_steps=4, gradient_accumulation_steps=12))
+    learn = build_learner(cfg, tiny_prepared(cfg), RunDir(tmp_path/'run'), progress=False)
+    def oom_above_12(module, args, kwargs):
+        if (kwargs.get('input_ids') if 'input_ids' in kwargs else args[0]).shape[0] > 12:
+            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB (injected)')
+    hook = learn.model.register_forward_pre_hook(oom_above_12, with_kwargs=True)
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    best, trials = search_micro_batch(lambda m: step_fits(learn, m), limit=48)
+    assert (best, trials) == (12, [(1, True), (2, True), (4, True), (8, True), (16, False), (12, True), (14, False), (13, False)])
+    assert all(p.grad is None for p in learn.model.parameters())  # a failed trial leaves no gradients behind
+    assert any(not torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))  # the trials that fit really stepped
+    hook.remove()
+    def boom(module, args): raise RuntimeError('boom')
+    learn.model.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match='boom'): step_fits(learn, 2)  # anything but out of memory is not swallowed
+
+
+@pytest.mark.slow
+def test_tune_batch_writes_a_config_that_keeps_the_effective_batch_and_trains(tmp_path, cache_dir):
+    from conftest import foundry
+    from model_foundry.config import load_config, save_config
+    cfg = tiny_config(tmp_path, data=dict(batch_size=2), training=dict(train_steps=3, gradient_accumulation_steps=6, eval_interval=3))
+    save_config(cfg, tmp_path/'exp.yaml')
+    res = foundry('tune-batch', tmp_path/'exp.yaml', '--run-dir', tmp_path/'run')
+    assert res.returncode == 0, res.stderr[-2000:]
+    tuned = load_config(tmp_path/'exp.tuned.yaml')
+    assert (tuned.data.batch_size, tuned.training.gradient_accumulation_steps) == (12, 1), res.stdout  # all 12 fit on this CPU
+    assert 'data.batch_size 2 -> 12, training.gradient_accumulation_steps 6 -> 1 (effective batch 12 kept)' in res.stdout
+    assert not (tmp_path/'run').exists()  # the search wrote nothing to the run
+    res = foundry('train', tmp_path/'exp.tuned.yaml', '--run-dir', tmp_path/'run')
+    assert res.returncode == 0 and json.loads((tmp_path/'run'/'state.json').read_text())['status'] == 'completed', res.stderr[-2000:]
