@@ -9,7 +9,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 RUN_CONFIG ?= configs/python-stdlib.yaml
 RUN_DIR    ?= runs/python-stdlib
 
-.PHONY: run test install install-dev export clean-nbs readme check-clean bench browser docs-preview lab
+.PHONY: test-gpu run test install install-dev export clean-nbs readme check-clean bench browser docs-preview lab
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ test: install-dev browser
 	$(MEASURED) OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not gpu" --durations=12 tests
 	$(COVERAGE_DATA) $(BIN)/coverage combine --quiet
 	$(COVERAGE_DATA) $(BIN)/coverage report --fail-under=$(COVERAGE_FLOOR)
+
+# The GPU tier: CUDA training (bf16, fp16 and its loss scaler across resume), real out-of-memory retries, the batch-size
+# finder, attention implementations, inductor, QLoRA on CUDA, a CUDA checkpoint resumed on CPU. CI has no GPU.
+test-gpu: install-dev
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m gpu -s --durations=12 tests
 
 export:
 	$(BIN)/nbdev-export

@@ -46,9 +46,13 @@ class NonFiniteGuard(Callback):
         self.in_a_row, self.total, self.rollbacks = 0, 0, 0
 
     def before_opt_step(self):
-        s = self.learn.state
+        s, scaler = self.learn.state, self.learn.scaler
         if math.isfinite(s.loss) and math.isfinite(s.grad_norm):
             self.in_a_row = 0
+            return
+        if scaler is not None and math.isfinite(s.loss) and scaler.get_scale() >= 1.0:  # fp16 loss scaling at work, not divergence
+            log.info(f'step {s.step + 1}: fp16 gradients overflowed at loss scale {scaler.get_scale():g}: the scaler skips this update and lowers its scale')
+            self.learn.log(type='overflow', step=s.step + 1, scale=scaler.get_scale())
             return
         s.skip_step = True
         self.in_a_row += 1; self.total += 1
@@ -76,8 +80,8 @@ class NonFiniteGuard(Callback):
         l.log(type='rollback', checkpoint=ckpt.name, lr=l.lr)
         return True
 
-    def state_dict(self) -> dict: return dict(total=self.total, rollbacks=self.rollbacks)
-    def load_state_dict(self, d: dict): self.total, self.rollbacks = d['total'], d['rollbacks']
+    def state_dict(self) -> dict: return dict(total=self.total, rollbacks=self.rollbacks, in_a_row=self.in_a_row)
+    def load_state_dict(self, d: dict): self.total, self.rollbacks, self.in_a_row = d['total'], d['rollbacks'], d.get('in_a_row', 0)
 
 # %% ../nbs/07_lifecycle.ipynb #96798676
 class Preemption(Callback):
