@@ -104,7 +104,7 @@ class Preemption(Callback):
         s = self.learn.state
         self.received = s.signal = signum
         self.when = time.monotonic()
-        s.stop_reason = 'interrupted'
+        if not self.learn.dist.active: s.stop_reason = 'interrupted'  # several ranks: `check_stop` sets it on all of them at once
         if self.learn.abortable:  # long work (a batch, an evaluation, generation): drop it, stop now
             log.warning(f'{signal.Signals(signum).name} received: stopping now, checkpointing step {s.step} '
                         '(the work in progress runs again on resume)')

@@ -117,8 +117,9 @@ def abortable(learn: Learner, local: bool = False):
     "While in the block, a stop signal raises `Interrupted` at once; with several ranks only in `local` work (no collectives)."
     on = local or not learn.dist.active  # a rank leaving collective work alone would hang the others: `check_stop` decides there
     prev, learn.abortable = learn.abortable, on
+    s = learn.state
     try:
-        if on and learn.state.stop_reason == 'interrupted': raise Interrupted()  # the signal came just before the block
+        if on and (s.stop_reason == 'interrupted' or learn.dist.active and s.signal): raise Interrupted()  # the signal came just before
         yield
     finally: learn.abortable = prev
 
@@ -126,7 +127,9 @@ def check_stop(learn: Learner, stop: bool = False):
     "With several ranks: every rank learns whether a stop signal reached any of them (a collective), and all raise `Interrupted` together."
     s = learn.state
     if not learn.dist.active: return
-    sig = any_rank(learn.dist, (s.signal or signal.SIGTERM) if s.stop_reason == 'interrupted' else 0)
+    # a signal only notes itself in `state.signal` on its rank: a `stop_reason` set there alone would send that rank down
+    # another path (a checkpoint the others do not write) before they agree, and the ranks would wait on each other forever
+    sig = any_rank(learn.dist, s.signal or (signal.SIGTERM if s.stop_reason == 'interrupted' else 0))
     if sig:
         s.stop_reason, s.signal = 'interrupted', s.signal or sig
         if not stop: raise Interrupted()

@@ -66,10 +66,20 @@ def env(**extra):
     return dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **extra)
 
 
+class Job(subprocess.Popen):
+    "A process whose output goes to files (a pipe nobody reads fills up and blocks the writer); `communicate` reads them."
+    def __init__(self, args, out: Path, **kw):
+        self.out, self.err = out.with_suffix('.out'), out.with_suffix('.err')
+        with open(self.out, 'w') as o, open(self.err, 'w') as e: super().__init__(args, stdout=o, stderr=e, text=True, **kw)
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        return self.out.read_text(), self.err.read_text()
+
+
 def launch(cfg, run, nproc, **extra):
     "`foundry train CONFIG --run-dir RUN --nproc N` in a subprocess (torchrun under it when N > 1)."
-    return subprocess.Popen([str(FOUNDRY), 'train', str(cfg), '--run-dir', str(run), '--nproc', str(nproc)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(**extra))
+    log = Path(run).parent/f'{Path(run).name}-{time.time_ns()}'
+    return Job([str(FOUNDRY), 'train', str(cfg), '--run-dir', str(run), '--nproc', str(nproc)], log, env=env(**extra))
 
 
 def train_records(run) -> list[dict]:
