@@ -13,21 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from transformers.utils import logging as hf_logging
-
 from .config import ConfigError, load_config, log, parse_override
-from .corpus import build_corpus, corpus_settings, search_corpus
-from .distributed import Dist, dist_from_env, rank_share, run_torchrun, torchrun_command
-from .data import corpus_files, read_chunks, usable_files
-from .finetune import make_base_model
-from .samples import prepare_data
-from .generation import generate
-from .jobs import JobFailed, evaluate_job, parse_grid, sweep, train_job, wandb_sweep_config
-from .loop import TrainingError
-from .results import evaluate_run, load_run, upload
-from .run import RunDir, RunInterrupted, check_unlocked, default_run_dir, train
-from .plan import format_plan
-from .validate import tune_batch, validate, write_tuned
 
 # %% ../nbs/14_cli.ipynb #3c103366
 class _Parser(argparse.ArgumentParser):
@@ -81,6 +67,7 @@ def _config(args):
 def cmd_prepare(args) -> int:
     "foundry prepare: tokenize and pack, or report the cached preparation."
     cfg = _config(args)
+    from model_foundry.samples import prepare_data
     p = prepare_data(cfg.data, cfg.tokenizer, log=log.warning)
     m = p.meta
     what = (f"{m['n_train_samples']:,} train / {m['n_val_samples']:,} val samples ({m['read_as']})" if m.get('format') == 'samples'
@@ -100,16 +87,19 @@ def _run_line(run_dir, st: dict) -> str:
 def cmd_train(args) -> int:
     "foundry train: train, resume or skip a completed run; with `--nproc N`, as N processes under torchrun."
     cfg = _config(args)
+    from model_foundry.run import RunDir, default_run_dir, train
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     nproc = getattr(args, 'nproc', 1)
     if nproc > 1: return _train_torchrun(args, cfg, run_dir)
     if nproc < 1: raise ConfigError(f'--nproc must be 1 or more, not {nproc}')
     st = train(cfg, run_dir)
-    if dist_from_env().main: print(f"{_run_line(run_dir, st)}; final model in {RunDir(run_dir).final}")
+    if int(os.environ.get('RANK', 0)) == 0: print(f"{_run_line(run_dir, st)}; final model in {RunDir(run_dir).final}")
     return 0
 
 def _train_torchrun(args, cfg, run_dir: Path) -> int:
     "Check what can be checked here (config, the share of a step per process, the lock), then run the torchrun job and say how it ended."
+    from model_foundry.distributed import Dist, rank_share, run_torchrun, torchrun_command
+    from model_foundry.run import RunDir, check_unlocked
     rank_share(cfg.data.batch_size * cfg.training.gradient_accumulation_steps, Dist(0, args.nproc))
     check_unlocked(RunDir(run_dir))
     code, sig = run_torchrun(torchrun_command(args.nproc, ['train', args.config, '--run-dir', run_dir, *[x for s in args.set for x in ('--set', s)]]))
@@ -126,13 +116,18 @@ def _train_torchrun(args, cfg, run_dir: Path) -> int:
 
 def cmd_validate(args) -> int:
     "foundry validate: the checked plan of CONFIG with a measured time per step (`--json`: as data); nothing is written to the run."
-    plan, resolved = validate(_config(args), args.run_dir, steps=args.steps)
+    cfg = _config(args)
+    from model_foundry.plan import format_plan
+    from model_foundry.validate import validate
+    plan, resolved = validate(cfg, args.run_dir, steps=args.steps)
     print(json.dumps(plan.to_json(), indent=1) if args.json else format_plan(plan, resolved))
     return 0
 
 def cmd_tune_batch(args) -> int:
     "foundry tune-batch: the largest micro-batch that fits here, the effective batch kept; writes CONFIG.tuned.yaml (or --out)."
-    r = tune_batch(_config(args), args.run_dir)
+    cfg = _config(args)
+    from model_foundry.validate import tune_batch, write_tuned
+    r = tune_batch(cfg, args.run_dir)
     out = write_tuned(args.config, r, args.out)
     tried = ', '.join(f"{m}{'' if ok else ' (no)'}" for m, ok in r['trials'])
     print(f"micro-batches tried: {tried}; largest that fits: {r['largest_fitting']}\n"
@@ -144,6 +139,7 @@ def cmd_tune_batch(args) -> int:
 # %% ../nbs/14_cli.ipynb #e3bed331
 def cmd_eval(args) -> int:
     "foundry eval: score a run's model on its validation split."
+    from model_foundry.results import evaluate_run
     r = evaluate_run(args.run_dir, suites=args.suite, texts=args.text)
     v = r['validation']
     print(f"{args.run_dir} ({r['model']}): val loss {v['val_loss']:.4f}, perplexity {v['perplexity']:.2f} over {v['tokens']:,} tokens")
@@ -158,6 +154,7 @@ def cmd_eval(args) -> int:
 # %% ../nbs/14_cli.ipynb #886caf25
 def cmd_upload(args) -> int:
     "foundry upload: retry a pending model upload."
+    from model_foundry.results import upload
     st = upload(args.run_dir)
     print(f"run {args.run_dir}: model artifact {st.get('artifact')} {st.get('upload')}; status {st['status']}")
     return 0
@@ -165,6 +162,8 @@ def cmd_upload(args) -> int:
 # %% ../nbs/14_cli.ipynb #8c04ad42
 def cmd_generate(args) -> int:
     "foundry generate: print the prompt and its continuation(s)."
+    from model_foundry.generation import generate
+    from model_foundry.results import load_run
     model, tok = load_run(args.source)
     try:
         for i in range(args.num_samples):
@@ -181,6 +180,8 @@ def cmd_generate(args) -> int:
 def cmd_job_train(args) -> int:
     "foundry job train: foundry train through the job notebook; the executed copy is RUN_DIR/train.ipynb."
     cfg = _config(args)
+    from model_foundry.jobs import train_job
+    from model_foundry.run import default_run_dir
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     st = train_job(args.config, run_dir, args.set)
     print(f"{_run_line(run_dir, st)}; lab notebook {run_dir/'train.ipynb'}")
@@ -189,6 +190,7 @@ def cmd_job_train(args) -> int:
 # %% ../nbs/14_cli.ipynb #1f14afb2
 def cmd_job_evaluate(args) -> int:
     "foundry job evaluate: foundry eval through the job notebook; the executed copy is RUN_DIR/evaluate.ipynb."
+    from model_foundry.jobs import evaluate_job
     r = evaluate_job(args.run_dir, args.suite, args.text)
     v = r['validation']
     print(f"{args.run_dir} ({r['model']}): val loss {v['val_loss']:.4f}, perplexity {v['perplexity']:.2f}; "
@@ -199,6 +201,8 @@ def cmd_job_evaluate(args) -> int:
 def cmd_sweep(args) -> int:
     "foundry sweep: run a grid of jobs (or write its W&B sweep config) and print the ranking."
     _config(args)
+    from model_foundry.jobs import parse_grid, sweep, wandb_sweep_config
+    from model_foundry.run import RunInterrupted
     grid = parse_grid(args.grid + args.point)
     if args.wandb_sweep:
         out = Path(args.wandb_sweep)
@@ -218,6 +222,8 @@ def cmd_make_base(args) -> int:
     "foundry make-base: write a small random-initialised model directory with its tokenizer."
     out = Path(args.out)
     if out.exists(): raise ConfigError(f"{out} already exists; choose another directory or remove it")
+    from model_foundry.data import corpus_files, read_chunks, usable_files
+    from model_foundry.finetune import make_base_model
     texts = None
     if args.corpus: texts = [c for f in usable_files(corpus_files(args.corpus)) for c in read_chunks(f)]
     make_base_model(args.architecture, out, texts, vocab_size=args.vocab_size, layers=args.layers, embedding_size=args.embedding_size,
@@ -243,11 +249,13 @@ def cmd_corpus(args) -> int:
     "foundry corpus REPO... --out DIR | foundry corpus search DIR QUERY."
     if args.repo[0] == 'search' and not args.out:
         if len(args.repo) != 3: raise ConfigError('usage: foundry corpus search DIR QUERY [-k N]')
+        from model_foundry.corpus import search_corpus
         hits = search_corpus(args.repo[1], args.repo[2], k=args.k)
         for i, h in enumerate(hits, 1):
             print(f"{i:>2}. {h['score']:.3f}  {h['path']}:{h['start_line']}-{h['end_line']}  {h['name'] or h['kind']} [{h['split']}]")
         return 0
     if not args.out: raise ConfigError('foundry corpus: --out DIR is required (where the corpus is written)')
+    from model_foundry.corpus import build_corpus, corpus_settings
     m = build_corpus(args.repo, args.out, corpus_settings(**corpus_overrides(args)), progress=not args.quiet and sys.stderr.isatty(),
                      log=lambda msg: print(msg, file=sys.stderr))
     ph = m['phases']
@@ -324,25 +332,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/14_cli.ipynb #844a8311
+def _loaded(*names: str) -> tuple:
+    "The classes `names` ('module.Class' of model_foundry) whose modules are imported; importing nothing."
+    return tuple(getattr(m, cls) for mod, cls in (n.split('.') for n in names) if (m := sys.modules.get(f'model_foundry.{mod}')))
+
+def _no_progress_bars():
+    "transformers' per-file load/save bars say nothing useful here: off, without importing transformers."
+    from huggingface_hub.utils import disable_progress_bars
+    disable_progress_bars()  # transformers starts with the Hub's setting when it is imported
+    if (hf := sys.modules.get('transformers.utils.logging')) is not None: hf.disable_progress_bar()  # imported already
+
 def main(argv=None) -> int:
     "Run the `foundry` command line; returns the exit code."
     args = build_parser().parse_args(argv)
-    d = dist_from_env()  # under torchrun: rank 0 speaks, the others only warn, each line saying which rank
-    logging.basicConfig(level='INFO' if d.main else 'WARNING', format=f'[rank {d.rank}] %(message)s' if d.active else '%(message)s', stream=sys.stderr)
-    hf_logging.disable_progress_bar()  # transformers' per-file load/save bars say nothing useful here
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # under torchrun: rank 0 speaks, the others warn
+    logging.basicConfig(level='INFO' if rank == 0 else 'WARNING', format=f'[rank {rank}] %(message)s' if world > 1 else '%(message)s', stream=sys.stderr)
+    _no_progress_bars()
     try: return args.func(args) or 0
     except ConfigError as e: msg = str(e)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e: msg = f"{e.strerror}: {e.filename}"
-    except (TrainingError, JobFailed) as e: return _fail(str(e))
+    except _loaded('loop.TrainingError', 'jobs.JobFailed') as e: return _fail(str(e))
     except OSError as e:  # a full disk, an I/O error: the run (if any) is marked failed and resumes once the cause is fixed
         return _fail(f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}")
-    except RunInterrupted as e:  # a signal: the run (or job) checkpointed and stopped; running it again resumes
+    except _loaded('run.RunInterrupted') as e:  # a signal: the run (or job) checkpointed and stopped; running it again resumes
         print(f"foundry: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt: return 130
     except RuntimeError as e:  # under torchrun: a process of the job died or hung, and the collective this one was in failed
-        if not (d.active and _peer_lost(e)): raise
-        return _fail(f"rank {d.rank} of {d.world} lost contact with the other processes of the job ({str(e).splitlines()[0][:200]}); "
+        if not (world > 1 and _peer_lost(e)): raise
+        return _fail(f"rank {rank} of {world} lost contact with the other processes of the job ({str(e).splitlines()[0][:200]}); "
                      "the run resumes from its last complete checkpoint when trained again")
     finally: _leave_job()
     print(f"foundry: error: {msg}", file=sys.stderr)
@@ -355,8 +373,7 @@ def _peer_lost(e: BaseException) -> bool:
 
 def _leave_job():
     "Leave the torchrun job's process group, if this process joined one."
-    import torch.distributed as tdist
-    if tdist.is_initialized(): tdist.destroy_process_group()
+    if (tdist := sys.modules.get('torch.distributed')) is not None and tdist.is_initialized(): tdist.destroy_process_group()
 
 def _fail(msg: str) -> int:
     "Print `msg` as one error line; exit code 1 (the input was fine, the run could not go on)."

@@ -12,13 +12,14 @@ __all__ = ['STDLIB', 'CORPUS_SPLITS', 'CHUNK_CHARS', 'EOS', 'PREP_VERSION', 'std
 import fnmatch, glob, hashlib, json, os, re, sysconfig, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+if TYPE_CHECKING:  # imported where used: torch and transformers take seconds to import, and not every command needs them
+    import torch
+    from transformers import PreTrainedTokenizerFast
 
 from .config import ConfigError, DataConfig, TokenizerConfig, replacing
 
@@ -115,11 +116,12 @@ def usable_files(files: list[Path], stats: CorpusStats | None = None, encoding: 
 # %% ../nbs/01_data.ipynb #0c9ab05c
 EOS = '<|endoftext|>'
 
-def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+def _wrap(tok: Tokenizer) -> 'PreTrainedTokenizerFast':
     "Wrap a `tokenizers.Tokenizer` as a Hugging Face tokenizer with EOS doubling as padding."
+    from transformers import PreTrainedTokenizerFast
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
-def train_char_tokenizer(texts) -> PreTrainedTokenizerFast:
+def train_char_tokenizer(texts) -> 'PreTrainedTokenizerFast':
     "A character-level tokenizer over every character in `texts` (an iterable of strings)."
     chars = set()
     for t in texts: chars.update(t)
@@ -130,7 +132,7 @@ def train_char_tokenizer(texts) -> PreTrainedTokenizerFast:
     return _wrap(tok)
 
 # %% ../nbs/01_data.ipynb #6df4ea29
-def train_bpe_tokenizer(texts, vocab_size: int, special_tokens=()) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(texts, vocab_size: int, special_tokens=()) -> 'PreTrainedTokenizerFast':
     "A byte-level BPE tokenizer trained on `texts` (an iterable of strings, streamed) to `vocab_size`, with extra `special_tokens`."
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -150,9 +152,10 @@ def texts_of(files: list[Path], encoding: str = 'utf-8') -> Iterator[str]:
     "Stream the text of `files` as chunks (for tokenizer training)."
     for p in files: yield from read_chunks(p, encoding=encoding)
 
-def build_tokenizer(cfg: TokenizerConfig, files: list[Path], encoding: str = 'utf-8') -> PreTrainedTokenizerFast:
+def build_tokenizer(cfg: TokenizerConfig, files: list[Path], encoding: str = 'utf-8') -> 'PreTrainedTokenizerFast':
     "Train or load the tokenizer that `cfg` asks for, on `files`."
     if cfg.kind == 'pretrained':
+        from transformers import AutoTokenizer
         path = Path(cfg.path).expanduser()
         if not path.is_dir() and not is_hub_id(cfg.path): raise ConfigError(f"tokenizer.path: no such tokenizer directory: {cfg.path}")
         try: tok = AutoTokenizer.from_pretrained(path if path.is_dir() else cfg.path, revision=cfg.revision)
@@ -221,7 +224,7 @@ def prep_key(data: DataConfig, tok: TokenizerConfig, files: list[Path]) -> str:
 class PreparedData:
     "A prepared corpus: its directory, tokenizer, train and val token arrays (memory-mapped), metadata."
     path: Path
-    tokenizer: PreTrainedTokenizerFast
+    tokenizer: 'PreTrainedTokenizerFast'
     train: np.ndarray
     val: np.ndarray
     meta: dict
@@ -235,6 +238,7 @@ class PreparedData:
         path = Path(path)
         meta = json.loads((path/'meta.json').read_text())
         tokens = np.memmap(path/'tokens.bin', dtype=meta['dtype'], mode='r')
+        from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(path/'tokenizer')
         return cls(path, tok, tokens[:meta['n_train']], tokens[meta['n_train']:], meta)
 
@@ -298,13 +302,14 @@ class TokenBlocks:
             out[m] = off + perm[pos[m]] * self.block_size
         return out
 
-    def rows(self, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, sample_ids) -> 'tuple[torch.Tensor, torch.Tensor]':
         "Inputs and targets, each `[len(sample_ids), block_size]` int64, of the given global sample indices."
+        import torch
         s = self.starts(sample_ids)
         blk = torch.from_numpy(self.tokens[s[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
         return blk[:, :-1], blk[:, 1:]
 
-    def batch(self, start: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, start: int, batch_size: int) -> 'tuple[torch.Tensor, torch.Tensor]':
         "The rows of samples `start .. start+batch_size-1`."
         return self.rows(np.arange(start, start + batch_size))
 

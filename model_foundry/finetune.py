@@ -9,12 +9,10 @@ __all__ = ['FIM_SPECIALS', 'DEFAULT_TARGETS', 'make_base_model', 'linear_names',
 # %% ../nbs/02a_finetune.ipynb #e6360aba
 import math, warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
-from transformers.pytorch_utils import Conv1D
-from transformers.utils import logging as hf_logging
+if TYPE_CHECKING: from transformers import PreTrainedModel  # imported where used: transformers' models take seconds to import
 
 from .config import ConfigError, ExperimentConfig, FinetuneConfig, ModelConfig, log, replacing
 from .data import STDLIB, corpus_files, is_hub_id, read_chunks, train_bpe_tokenizer
@@ -26,6 +24,7 @@ FIM_SPECIALS = ('<fim_prefix>', '<fim_middle>', '<fim_suffix>', '<fim_pad>')
 def make_base_model(architecture: str, out, texts=None, vocab_size: int = 512, layers: int = 2, embedding_size: int = 64,
                     attention_heads: int = 4, context_length: int = 512, seed: int = 0) -> Path:
     "Write a random-initialised `architecture` model and its FIM-capable tokenizer to the model directory `out`."
+    from transformers.utils import logging as hf_logging
     if texts is None: texts = [c for f in corpus_files(STDLIB)[:60] for c in read_chunks(f)]
     tok = train_bpe_tokenizer(texts, vocab_size, special_tokens=FIM_SPECIALS)
     mc = ModelConfig(architecture=architecture, layers=layers, embedding_size=embedding_size, attention_heads=attention_heads)
@@ -44,6 +43,7 @@ DEFAULT_TARGETS = dict(starcoder2=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'c_fc
 
 def linear_names(model) -> list[str]:
     "The distinct leaf names of the model's linear layers (the output head aside): what LoRA can target."
+    from transformers.pytorch_utils import Conv1D
     linear = lambda m: isinstance(m, (torch.nn.Linear, Conv1D)) or type(m).__name__ == 'Linear4bit'  # Conv1D: GPT-2's; Linear4bit: bitsandbytes'
     return sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if linear(m) and n.rsplit('.', 1)[-1] != 'lm_head'})
 
@@ -66,8 +66,10 @@ def compute_dtype(f: FinetuneConfig, device: torch.device) -> torch.dtype:
     if f.compute_dtype != 'auto': return dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[f.compute_dtype]
     return torch.bfloat16 if device.type == 'cuda' else torch.float32
 
-def load_base(m: ModelConfig, f: FinetuneConfig, device: torch.device | str = 'cpu', quantized: Optional[bool] = None) -> PreTrainedModel:
+def load_base(m: ModelConfig, f: FinetuneConfig, device: torch.device | str = 'cpu', quantized: Optional[bool] = None) -> 'PreTrainedModel':
     "The pretrained model of `m` on `device`; 4-bit (QLoRA) when `quantized` (default: method qlora)."
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
     device, quantized = torch.device(device), f.method == 'qlora' if quantized is None else quantized
     src = Path(m.pretrained).expanduser()
     if not src.is_dir() and not is_hub_id(m.pretrained):
@@ -89,7 +91,7 @@ def load_base(m: ModelConfig, f: FinetuneConfig, device: torch.device | str = 'c
     return model if quantized else model.to(device)
 
 # %% ../nbs/02a_finetune.ipynb #a21c143a
-def adapt(model: PreTrainedModel, f: FinetuneConfig):
+def adapt(model: 'PreTrainedModel', f: FinetuneConfig):
     "`model` with LoRA adapters on the modules `f` targets (a `PeftModel`); everything else frozen."
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # peft (and bitsandbytes) take seconds to import: adapter runs only
     targets = target_modules(model, f)
@@ -105,7 +107,7 @@ def adapt(model: PreTrainedModel, f: FinetuneConfig):
         warnings.filterwarnings('ignore', message='.*tie_word_embeddings.*')  # modules_to_save=[lm_head] unties the head: wanted
         return get_peft_model(model, lc)
 
-def finetune_model(cfg: ExperimentConfig, device: torch.device | str = 'cpu') -> PreTrainedModel:
+def finetune_model(cfg: ExperimentConfig, device: torch.device | str = 'cpu') -> 'PreTrainedModel':
     "The pretrained model of `cfg`, adapted as `finetune.method` says, checked against `data.max_sequence_length`."
     model = load_base(cfg.model, cfg.finetune, device)
     ctx = getattr(model.config, 'max_position_embeddings', None) or getattr(model.config, 'n_positions', None)
@@ -140,8 +142,9 @@ def format_report(r: dict) -> str:
             f"this model at: {', '.join(f'{k} {mb(v)}' for k, v in r['size_bytes'].items())} (adapter {mb(r['adapter_bytes'])} in fp32 included)")
 
 # %% ../nbs/02a_finetune.ipynb #300c1992
-def merged_model(cfg: ExperimentConfig, adapter_dir, device: torch.device | str = 'cpu') -> PreTrainedModel:
+def merged_model(cfg: ExperimentConfig, adapter_dir, device: torch.device | str = 'cpu') -> 'PreTrainedModel':
     "The base of `cfg` (dequantized 4-bit weights for QLoRA) with the adapter in `adapter_dir` merged in."
+    from transformers.utils import logging as hf_logging
     base = load_base(cfg.model, cfg.finetune, device)
     level = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()  # 'modules are dequantized': that is the point
     try:

@@ -12,7 +12,6 @@ import csv, itertools, json, logging, os, re, signal, sys, threading, time
 from pathlib import Path
 from typing import Optional
 
-import matplotlib.pyplot as plt
 import psutil
 
 import model_foundry
@@ -193,6 +192,8 @@ def plot_sweep(sweep_dir, rows: list[dict], out: Path) -> Optional[Path]:
     "summary.png: each run's val loss against step, and the runs ranked by best val loss."
     done = [r for r in rows if r['best_val_loss'] is not None]
     if not done: return None
+    import matplotlib; matplotlib.use('Agg')  # files, not windows; imported here, as it takes a while (not at `foundry` start-up)
+    import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.45 * len(done) + 1.5)))
     for r in done:
         ev = [m for m in read_metrics(Path(sweep_dir)/r['run']/'metrics.jsonl') if m['type'] == 'eval']

@@ -9,16 +9,17 @@ __all__ = ['model_config_for', 'build_model', 'count_parameters', 'resolve_devic
 # %% ../nbs/02_model.ipynb #717331e5
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
-                          Starcoder2Config, Starcoder2ForCausalLM)
+if TYPE_CHECKING: from transformers import PreTrainedModel  # imported where used: transformers' models take seconds to import
 
 from .config import ConfigError, ModelConfig
 
 # %% ../nbs/02_model.ipynb #dacb3f4e
 def model_config_for(cfg: ModelConfig, vocab_size: int, context_length: int, eos_token_id: int | None = None):
     "The `transformers` config for `cfg` with the given vocabulary and context length."
+    from transformers import GPT2Config, LlamaConfig, Starcoder2Config
     h, inner = cfg.embedding_size, cfg.inner_size
     # no pad_token_id: training blocks contain EOS between documents, and transformers warns about
     # padding whenever the pad id appears in unmasked inputs; batched generation passes masks itself
@@ -40,8 +41,9 @@ def model_config_for(cfg: ModelConfig, vocab_size: int, context_length: int, eos
                        attention_dropout=cfg.attention_dropout, rms_norm_eps=1e-5, **common)
 
 # %% ../nbs/02_model.ipynb #708fe21a
-def build_model(cfg: ModelConfig, vocab_size: int, context_length: int, eos_token_id: int | None = None, seed: int | None = None) -> PreTrainedModel:
+def build_model(cfg: ModelConfig, vocab_size: int, context_length: int, eos_token_id: int | None = None, seed: int | None = None) -> 'PreTrainedModel':
     "A freshly initialised causal LM for `cfg`; weights depend only on `seed` when it is given."
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM, Starcoder2ForCausalLM
     if seed is not None: torch.manual_seed(seed)
     mc = model_config_for(cfg, vocab_size, context_length, eos_token_id)
     cls = dict(gpt2=GPT2LMHeadModel, llama=LlamaForCausalLM, starcoder2=Starcoder2ForCausalLM)[cfg.architecture]
@@ -81,8 +83,9 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 # %% ../nbs/02_model.ipynb #a5a48a19
-def load_pretrained(path, device: torch.device | str = 'cpu') -> PreTrainedModel:
+def load_pretrained(path, device: torch.device | str = 'cpu') -> 'PreTrainedModel':
     "Load a Hugging Face causal LM from a local directory, with a one-line error if it is not one."
+    from transformers import AutoModelForCausalLM
     p = Path(path)
     if not (p/'config.json').is_file(): raise ConfigError(f"not a Hugging Face model directory (no config.json): {p}")
     return AutoModelForCausalLM.from_pretrained(p).to(device)

@@ -11,9 +11,6 @@ import json, statistics
 from pathlib import Path
 from typing import Optional
 
-import matplotlib
-matplotlib.use('Agg')  # files, not windows
-import matplotlib.pyplot as plt
 import torch
 
 from .config import write_atomic
@@ -64,6 +61,8 @@ def plot_losses(records: list[dict], block_size: int, out: Path) -> Optional[Pat
     if not tr and not ev: return None
     tokens_at = {r['step']: r['samples_seen'] * block_size for r in tr}
     per_step = (tr[-1]['samples_seen'] * block_size / tr[-1]['step']) if tr else 0
+    import matplotlib; matplotlib.use('Agg')  # files, not windows; imported here, as it takes a while (not at `foundry` start-up)
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, x_of, label in ((axes[0], lambda r: r['step'], 'step'), (axes[1], lambda r: tokens_at.get(r['step'], r['step'] * per_step), 'tokens seen')):
         ax.plot([x_of(r) for r in tr], [r['loss'] for r in tr], label='train', lw=1)
@@ -78,6 +77,8 @@ def plot_suite(records: list[dict], out: Path) -> Optional[Path]:
     "suite.png: behavioural pass rate (and Python parse rate) against step."
     su = [r for r in records if r['type'] == 'suite']
     if not su: return None
+    import matplotlib; matplotlib.use('Agg')  # files, not windows; imported here, as it takes a while (not at `foundry` start-up)
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r['step'] for r in su], [r['pass_rate'] for r in su], 'o-', label='pass rate')
     if any('python_parse_rate' in r for r in su):

@@ -9,7 +9,6 @@ __all__ = ['upload', 'load_run', 'evaluate_run', 'playground']
 from typing import Optional
 
 import torch
-from transformers import AutoTokenizer
 
 from .checkpointing import intact_checkpoints, load_checkpoint
 from .config import ConfigError, load_config, log
@@ -41,6 +40,7 @@ def upload(run_dir) -> dict:
 # %% ../nbs/12a_results.ipynb #b8032249
 def load_run(source, device: torch.device | str = 'cpu'):
     "(model, tokenizer) from a run directory, a Hugging Face model directory, or wandb:ENTITY/PROJECT/NAME:ALIAS."
+    from transformers import AutoTokenizer
     src = resolve_model_source(str(source))
     if not src.exists(): raise ConfigError(f"no such run or model directory: {src}")
     run = RunDir(src)

@@ -17,7 +17,6 @@ from typing import Literal, Optional, get_args
 
 import numpy as np
 import torch
-from transformers.utils import logging as hf_logging
 
 from .checkpointing import checkpoint_name, is_adapter_model, list_checkpoints, load_checkpoint, read_trainer_state, save_weights
 from .config import ConfigError, ExperimentConfig, config_hash, log, load_config, replacing, resolve_config, save_config, write_atomic
@@ -345,6 +344,7 @@ def export_final(run: RunDir, learn: Learner, tokenizer, cfg: Optional[Experimen
     s = learn.state
     best = run.checkpoints/checkpoint_name(s.best_step) if s.best_step is not None else None
     if best is not None and (best/'COMPLETE').is_file(): load_checkpoint(best, learn.model, restore_rng_state=False)
+    from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' one-shard 'Writing model shards' bar is noise in a training log
     try:
