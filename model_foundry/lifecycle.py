@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .checkpointing import intact_checkpoints
 from .config import log
-from .distributed import gather_to_main
+from .distributed import broadcast_from_main, gather_to_main
 from .loop import ORDERS, Callback, Interrupted, restore_newest, truncate_metrics
 
 # %% ../nbs/07_lifecycle.ipynb #36bbb229
@@ -69,7 +69,7 @@ class NonFiniteGuard(Callback):
     def rollback(self) -> bool:
         "Restore the newest intact checkpoint, the learning rate `lr_factor ** rollbacks` of the original; False if none loads."
         l, total, rollbacks = self.learn, self.total, self.rollbacks + 1
-        ckpt, _ = restore_newest(l, intact_checkpoints(self.checkpoints))
+        ckpt, _ = restore_newest(l, broadcast_from_main(l.dist, intact_checkpoints(self.checkpoints) if l.dist.main else None))
         if ckpt is None: return False
         had = l.state.callbacks.get(type(self).__name__, {}).get('rollbacks', 0)  # the checkpoint may predate earlier rollbacks
         f = self.lr_factor ** (rollbacks - had)
@@ -89,10 +89,25 @@ class Preemption(Callback):
     order = ORDERS['Preemption']
     signals = (signal.SIGTERM, signal.SIGINT)
 
+    received, previous = None, {}
+
+    def install(self):
+        "Handle the signals from now on: `train` calls it before resuming, so a signal during start-up is honoured too."
+        if self.previous or threading.current_thread() is not threading.main_thread(): return  # handlers live in the main thread
+        self.received = None
+        self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
+
+    def uninstall(self):
+        "Give the signals back to their previous handlers."
+        for s, h in self.previous.items(): signal.signal(s, h)
+        self.previous = {}
+
     def before_fit(self):
-        self.received, self.previous = None, {}
-        if threading.current_thread() is not threading.main_thread(): return  # handlers only work in the main thread
-        for s in self.signals: self.previous[s] = signal.signal(s, self._handle)
+        self.install()
+        s = self.learn.state  # a signal before `fit` (while resuming) was noted on a state that `restore` replaced
+        if self.received is not None and s.signal is None:
+            s.signal = self.received
+            if not self.learn.dist.active: s.stop_reason = 'interrupted'
 
     def _handle(self, signum, frame):
         if self.received is not None and self.learn.dist.active and time.monotonic() - self.when < 2:
@@ -114,21 +129,23 @@ class Preemption(Callback):
             now = f'rank {self.learn.dist.rank} of {self.learn.dist.world} stopping with the others within a micro-batch, then checkpointing'
         log.warning(f'{signal.Signals(signum).name} received: {now} (send it again to exit at once)')
 
-    def after_fit(self):
-        for s, h in self.previous.items(): signal.signal(s, h)
+    def after_fit(self): self.uninstall()
 
 # %% ../nbs/07_lifecycle.ipynb #8643b03b
 class SampleLedger(Callback):
     "Append each step's global sample ranges, every rank's, to `path` (rank 0 writes): no sample may repeat or be skipped."
     order = ORDERS['SampleLedger']
-    def __init__(self, path): self.path = Path(path)
+    def __init__(self, path): self.path, self.last = Path(path), 0
     def before_fit(self):
+        self.last = self.learn.state.step
         if not self.learn.dist.main: return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(self.path, self.learn.state.step)  # steps after the checkpoint run again
-    def after_step(self):
-        l = self.learn
+        truncate_metrics(self.path, self.last)  # steps after the checkpoint run again
+    def before_opt_step(self):  # the batches are read and the step will count: an evaluation cut short later does not undo it
+        l, step = self.learn, self.learn.state.step + 1
         ranks = gather_to_main(l.dist, l.batched)
         if not l.dist.main: return
+        if step <= self.last: truncate_metrics(self.path, step - 1)  # a rollback: the steps after its checkpoint run again
         with open(self.path, 'a') as f:
-            f.write(json.dumps(dict(step=l.state.step, world=l.dist.world, samples=[[a, a + n] for r in ranks for a, n in r])) + '\n')
+            f.write(json.dumps(dict(step=step, world=l.dist.world, samples=[[a, a + n] for r in ranks for a, n in r])) + '\n')
+        self.last = step

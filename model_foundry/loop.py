@@ -80,6 +80,7 @@ class Learner:
         self.micro_batch_size = share_micro_batch(self.rank_samples, dls.batch_size)  # halves on out-of-memory; samples per step never change
         self.abortable = False  # inside work a stop signal may cut short (see `abortable`)
         self.stepping = False   # between a step's start and its `state.step += 1`: a signal then lets that step finish
+        self.batched, self.failed = [], False  # this rank's (first sample, count) of the step's micro-batches; fit ended by an error
         self.state, self.cbs = TrainerState(), []
         for cb in cbs: self.add_cb(cb)
 
@@ -288,6 +289,7 @@ def fit(learn: Learner):
             one_step(learn)
             check_stop(learn, stop=True)  # several ranks: a signal one of them heard in `after_step` stops them all here
     except Interrupted: pass  # stop_reason is 'interrupted': `CheckpointCallback.after_fit` saves where the dropped work began
+    except BaseException: learn.failed = True; raise  # an error: `after_fit` writes no checkpoint (another rank may be elsewhere)
     finally: learn('after_fit')
 
 Learner.fit = fit
@@ -388,7 +390,7 @@ class CheckpointCallback(Callback):
 
     def after_fit(self):
         "A run stopped by a signal in the middle of a step is checkpointed as it was before that step."
-        if self.learn.state.stop_reason == 'interrupted' and self.due(): self.save()
+        if self.learn.state.stop_reason == 'interrupted' and not self.learn.failed and self.due(): self.save()
 
 # %% ../nbs/05_loop.ipynb #bad86901
 def restore(learn: Learner, ckpt) -> TrainerState:
@@ -401,13 +403,15 @@ def restore(learn: Learner, ckpt) -> TrainerState:
     return st
 
 def restore_newest(learn: Learner, checkpoints: list[Path]) -> tuple[Optional[Path], list[str]]:
-    "Restore the first of `checkpoints` (newest first) that loads; it (or None) and why each one before it did not."
+    "Restore the first of `checkpoints` (newest first) that loads on every rank; it (or None) and why each one before it did not."
     failed = []
     for ckpt in checkpoints:
-        try: restore(learn, ckpt); return ckpt, failed
+        try: restore(learn, ckpt); ok = True
         except Exception as e:
             why = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-            log.warning(f'skipping checkpoint {ckpt}: cannot be loaded ({why})'); failed.append(f'{ckpt.name}: {why}')
+            log.warning(f'skipping checkpoint {ckpt}: cannot be loaded ({why})'); failed.append(f'{ckpt.name}: {why}'); ok = False
+        if not any_rank(learn.dist, not ok): return ckpt, failed  # several ranks: all of them loaded this one, or all go on
+        if ok: failed.append(f'{ckpt.name}: could not be loaded by another rank')
     return None, failed
 
 # %% ../nbs/05_loop.ipynb #56cff80b

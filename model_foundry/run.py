@@ -17,8 +17,9 @@ from typing import Literal, Optional, get_args
 
 import numpy as np
 import torch
+from transformers.utils import logging as hf_logging
 
-from .checkpointing import checkpoint_name, is_adapter_model, list_checkpoints, load_checkpoint, read_trainer_state, save_weights
+from .checkpointing import seed_rank, checkpoint_name, is_adapter_model, list_checkpoints, load_checkpoint, read_trainer_state, save_weights
 from .config import ConfigError, ExperimentConfig, config_hash, log, load_config, replacing, resolve_config, save_config, write_atomic
 from .data import PreparedData
 from .finetune import finetune_model, format_report, max_logit_difference, merged_model, parameter_report
@@ -203,9 +204,21 @@ def _check_same_config(run: RunDir, resolved: ExperimentConfig):
                               "or train into another --run-dir") from None
         log.warning(f"{run.config} is damaged ({str(e)[:200]}); checked against the hash in state.json instead, and rewritten")
         if old == config_hash(resolved): save_config(resolved, run.config)
-    if old != config_hash(resolved):
+    if old != config_hash(resolved) and not _same_but_micro_batch(run, resolved):
         raise ConfigError(f"run directory {run.root} was started with a different config (hash {old}, now {config_hash(resolved)}); "
                           f"use another --run-dir or delete that directory")
+
+def _same_but_micro_batch(run: RunDir, resolved: ExperimentConfig) -> bool:
+    "Whether the run's recorded config differs from `resolved` only in how its effective batch is split (tune-batch's change)."
+    def whole(c):
+        c = c.model_copy(deep=True); c.data.batch_size *= c.training.gradient_accumulation_steps; c.training.gradient_accumulation_steps = 1
+        return config_hash(c)
+    try: old = load_config(run.config)
+    except ConfigError: return False
+    if whole(old) != whole(resolved): return False
+    log.info(f'micro-batch {old.data.batch_size} x {old.training.gradient_accumulation_steps} is now {resolved.data.batch_size} x '
+             f'{resolved.training.gradient_accumulation_steps}: the same effective batch, the run goes on')
+    return True
 
 def check_recorded_config(run: RunDir, cfg: ExperimentConfig):
     "`_check_same_config` for `cfg` resolved with the data sizes the run recorded (no data needed); a new run passes."
@@ -281,6 +294,7 @@ def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, pr
                    compile=t.compile_backend if t.compile else None)
     if t.gradient_checkpointing: enable_gradient_checkpointing(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) if dist.active else None
+    if dist.rank: seed_rank(0, dist.rank)  # the model is rank 0's (DDP broadcast it); dropout draws differ per rank
     opt = make_optimizer(model, t, device)
     cbs = [CheckpointCallback(run.checkpoints, t.checkpoint_interval, t.keep_checkpoints, t.log_spaced_checkpoints,
                               dict(config_hash=config_hash(cfg), **(facts or {}))),
@@ -344,7 +358,6 @@ def export_final(run: RunDir, learn: Learner, tokenizer, cfg: Optional[Experimen
     s = learn.state
     best = run.checkpoints/checkpoint_name(s.best_step) if s.best_step is not None else None
     if best is not None and (best/'COMPLETE').is_file(): load_checkpoint(best, learn.model, restore_rng_state=False)
-    from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' one-shard 'Writing model shards' bar is noise in a training log
     try:
@@ -399,7 +412,9 @@ def finish(run: RunDir, learn: Learner, cfg: ExperimentConfig, tokenizer, wrun=N
 # %% ../nbs/12_run.ipynb #a449d6ae
 def train(cfg: ExperimentConfig, run_dir=None, progress: bool = True, callbacks=()) -> dict:
     "Train, resume, or (when finished) skip the run of `cfg` in `run_dir`; return its final state. Under torchrun rank 0 alone writes."
-    run, d = RunDir(run_dir or default_run_dir(cfg)), init_distributed(resolve_device(cfg.training.device).type)
+    device = resolve_device(cfg.training.device)
+    if device.type == 'cuda': cuda_settings(cfg.training.tf32)  # before CUDA starts: the allocator reads its settings once
+    run, d = RunDir(run_dir or default_run_dir(cfg)), init_distributed(device.type)
     only = lambda cm: cm if d.main else contextlib.nullcontext((None, []))
     if (done := broadcast_from_main(d, skip_finished(run, cfg) if d.main else None)) is not None: return done
     if d.main: check_unlocked(run)
@@ -413,6 +428,10 @@ def train(cfg: ExperimentConfig, run_dir=None, progress: bool = True, callbacks=
         with only(tracking(resolved, run, prepared)) as (wrun, trackers):
             facts = broadcast_from_main(d, dict(git_commit=env.get('git_commit'), tracker_run_id=run.read_state().get('tracker_run_id')))
             learn = build_learner(resolved, prepared, run, progress and d.main, [*callbacks, *trackers], facts, d)
-            start(run, learn, resolved, train_blocks, prepared.vocab_size)
-            learn.fit()
+            pre = next(cb for cb in learn.cbs if isinstance(cb, Preemption))
+            pre.install()  # before the run is marked running: a signal from then on is a clean stop
+            try:
+                start(run, learn, resolved, train_blocks, prepared.vocab_size)
+                learn.fit()
+            finally: pre.uninstall()
             return finish(run, learn, resolved, prepared.tokenizer, wrun)

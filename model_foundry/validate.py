@@ -70,7 +70,7 @@ def _oom(e: BaseException) -> bool:
 def step_fits(learn, m: int, budget: Optional[int] = None, estimate_of: Optional[Callable[[int], int]] = None) -> bool:
     "Whether a forward, backward and optimizer step of `m` samples runs without running out of memory (and within `budget` bytes by estimate)."
     if budget is not None and estimate_of is not None and estimate_of(m) > budget: return False
-    model = learn.model
+    model = learn.model.train()  # as training runs it (a pretrained model loads in eval mode: no gradient checkpointing there)
     try:
         x, y, *pos = (t.to(learn.device) for t in learn.dls.train.batch(0, m))
         with autocast_for(learn.device, learn.precision): loss = lm_loss(model, x, y, *pos)

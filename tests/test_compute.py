@@ -125,3 +125,22 @@ def test_tune_batch_writes_a_config_that_keeps_the_effective_batch_and_trains(tm
     assert not (tmp_path/'run').exists()  # the search wrote nothing to the run
     res = foundry('train', tmp_path/'exp.tuned.yaml', '--run-dir', tmp_path/'run')
     assert res.returncode == 0 and json.loads((tmp_path/'run'/'state.json').read_text())['status'] == 'completed', res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_run_resumes_with_its_micro_batch_changed_when_the_effective_batch_is_kept(tmp_path, cache_dir):
+    "What `foundry tune-batch` (or the DDP out-of-memory advice) does to a run in progress: 2 x 6 becomes 12 x 1, and it goes on."
+    from model_foundry.config import ConfigError
+    from model_foundry.fixtures import StopAfter
+    from model_foundry.run import RunInterrupted, train
+    first = tiny_config(tmp_path, data=dict(batch_size=2), training=dict(train_steps=8, eval_interval=4, log_interval=1, gradient_accumulation_steps=6),
+                        logging=dict(dir=str(tmp_path/'runs'), sample_ledger=True))
+    with pytest.raises(RunInterrupted): train(first, tmp_path/'run', progress=False, callbacks=[StopAfter(4)])
+    tuned = first.model_copy(update=dict(data=first.data.model_copy(update=dict(batch_size=12)),
+                                         training=first.training.model_copy(update=dict(gradient_accumulation_steps=1))))
+    assert train(tuned, tmp_path/'run', progress=False)['status'] == 'completed'
+    recs = [json.loads(l) for l in (tmp_path/'run'/'samples.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in recs] == list(range(1, 9)) and sorted(i for r in recs for a, b in r['samples'] for i in range(a, b)) == list(range(96))
+    assert recs[3]['samples'] == [[36, 38], [38, 40], [40, 42], [42, 44], [44, 46], [46, 48]] and recs[4]['samples'] == [[48, 60]]
+    other = tuned.model_copy(update=dict(data=tuned.data.model_copy(update=dict(batch_size=6))))  # 6 x 1: another effective batch
+    with pytest.raises(ConfigError, match='was started with a different config'): train(other, tmp_path/'run', progress=False)

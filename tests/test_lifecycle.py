@@ -108,7 +108,9 @@ def test_training_resumes_from_latest_checkpoint_after_interruption(tmp_path, ca
     for attempt in range(6):
         proc = start_train(cfg, run)
         assert wait_until(lambda: running(run, proc.pid) or proc.poll() is not None, timeout=120)  # this trainer, past its start-up
-        if attempt % 2 == 0:  # a kill at a random moment of training
+        if attempt % 2 == 0:  # a kill at a random moment of training: once this trainer has taken a step
+            done = len(records(run, 'train')) if (run/'metrics.jsonl').exists() else 0
+            wait_until(lambda: (run/'metrics.jsonl').exists() and len(records(run, 'train')) > done or proc.poll() is not None, timeout=120)
             time.sleep(rng.uniform(0.05, 0.8))
             if proc.poll() is None: proc.kill(); proc.wait(); kills.append('random')
         elif kill_during_checkpoint_write(proc, run):
