@@ -79,7 +79,7 @@ class Learner:
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == 'fp16' else None  # fp16 needs loss scaling
         self.micro_batch_size = share_micro_batch(self.rank_samples, dls.batch_size)  # halves on out-of-memory; samples per step never change
         self.abortable = False  # inside work a stop signal may cut short (see `abortable`)
-        self.stepping = False   # between a step's start and its `state.step += 1`: a signal then lets that step finish
+        self.stepping = False   # between a step's backward pass and its `state.step += 1`: a signal then lets that step finish
         self.batched, self.failed = [], False  # this rank's (first sample, count) of the step's micro-batches; fit ended by an error
         self.state, self.cbs = TrainerState(), []
         for cb in cbs: self.add_cb(cb)
@@ -261,11 +261,12 @@ def one_step(learn: Learner):
     s, t0 = learn.state, time.perf_counter()
     start, rng = s.samples_seen, capture_rng()
     s.improved = s.skip_step = False
-    learn.stepping = True
     learn('before_step')
     learn.model.train()
     try:
-        with abortable(learn): loss = backward(learn)
+        with abortable(learn):
+            loss = backward(learn)
+            learn.stepping = True  # set inside the block: a signal before this line drops the step, after it finishes it
     except Interrupted:  # nothing of this step is kept: no gradients, the data and random position of its start
         learn.opt.zero_grad(set_to_none=True); s.samples_seen = start; restore_rng(rng); learn.stepping = False
         raise
