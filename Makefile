@@ -38,13 +38,16 @@ run: install
 # tools/coverage_nbdev_test.py is nbdev-test with the notebooks' exported cells measured as their module's lines.
 COVERAGE_FLOOR ?= 90
 COVERAGE_DATA  := COVERAGE_FILE="$(CURDIR)/.coverage"
+# nbdev-test keeps each notebook it executed (outputs included) in $(EXECUTED); the docs test builds the site from them.
+EXECUTED       := $(CURDIR)/.nbs-executed
 MEASURED       := $(COVERAGE_DATA) COVERAGE_PROCESS_START="$(CURDIR)/pyproject.toml" COVERAGE_SOURCE="$(CURDIR)/model_foundry"
 
 test: install-dev browser
 	$(BIN)/python tools/coverage_imports.py
 	$(COVERAGE_DATA) $(BIN)/coverage erase
-	$(MEASURED) OMP_NUM_THREADS=1 $(BIN)/python tools/coverage_nbdev_test.py --n-workers 2
-	$(MEASURED) OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not gpu" --durations=12 tests
+	rm -rf $(EXECUTED)
+	$(MEASURED) OMP_NUM_THREADS=1 $(BIN)/python tools/coverage_nbdev_test.py --n-workers 2 --save-to $(EXECUTED)
+	$(MEASURED) DOCS_EXECUTED=$(EXECUTED) OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not gpu" --durations=12 tests
 	$(COVERAGE_DATA) $(BIN)/coverage combine --quiet
 	$(COVERAGE_DATA) $(BIN)/coverage report --fail-under=$(COVERAGE_FLOOR)
 

@@ -69,25 +69,47 @@ class Generation:
     def __str__(self): return self.text
 
 # %% ../nbs/08_generation.ipynb #8e654aec
-def lean_gpt2_step(model) -> Optional[Callable]:
-    "A KV-cached forward `step(new_ids, start) -> last logits` for transformers' GPT-2, or None for other models."
+def _lean_mask(seen: Optional[torch.Tensor], start: int, T: int) -> Optional[torch.Tensor]:
+    "The attention mask (rows, 1, T, start+T) of `T` new positions over the real (`seen`) cached ones; None: plain causal."
+    if seen is None or bool(seen.all()): return None
+    S = start + T
+    causal = torch.ones(T, S, dtype=torch.bool, device=seen.device).tril(start)
+    itself = torch.zeros(T, S, dtype=torch.bool, device=seen.device); itself[:, start:].fill_diagonal_(True)
+    return (seen[:, None, None, :S] & causal) | itself
+
+def _plain(m) -> Callable:
+    "`m` as a function of its input: a GPT-2 `Conv1D` or a `LayerNorm` without nn.Module's call machinery (same ops); others as they are."
+    if type(m).__name__ == 'Conv1D' and type(m).__module__.startswith('transformers.'):
+        w, bias, nf = m.weight, m.bias, m.nf
+        return lambda x: torch.addmm(bias, x.view(-1, x.size(-1)), w).view(*x.shape[:-1], nf)
+    if type(m) is torch.nn.LayerNorm:
+        shape, w, bias, eps = m.normalized_shape, m.weight, m.bias, m.eps
+        return lambda x: F.layer_norm(x, shape, w, bias, eps)
+    return m  # a LoRA layer, a quantized one: called as the model calls it
+
+def lean_gpt2_step(model, rows: int = 1) -> Optional[Callable]:
+    "A KV-cached forward `step(new_ids, start, pos=None, seen=None) -> last logits (rows, vocab)` for transformers' GPT-2, or None."
     c = model.config
     if c.model_type != 'gpt2' or c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn: return None
     t, H, C, ctx = model.transformer, c.n_head, c.n_embd, c.n_positions
     D, w = C // H, t.wte.weight
-    K = torch.zeros(len(t.h), 1, H, ctx, D, dtype=w.dtype, device=w.device)
+    blocks = [tuple(map(_plain, (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.c_proj))) + (b.mlp.act,) for b in t.h]
+    K = torch.zeros(len(t.h), rows, H, ctx, D, dtype=w.dtype, device=w.device)
     V = torch.zeros_like(K)
 
-    def step(new_ids: list, start: int) -> torch.Tensor:
-        T = len(new_ids)
-        x = t.wte(torch.tensor([new_ids], device=w.device)) + t.wpe.weight[start:start + T][None]
-        for l, b in enumerate(t.h):
-            q, k, v = (z.view(1, T, H, D).transpose(1, 2) for z in b.attn.c_attn(b.ln_1(x)).split(C, dim=2))
+    def step(new_ids, start: int, pos: Optional[torch.Tensor] = None, seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+        ids = torch.as_tensor(new_ids, device=w.device).view(rows, -1)
+        T = ids.shape[1]
+        x = t.wte(ids) + (t.wpe.weight[start:start + T][None] if pos is None else t.wpe(pos))
+        mask = _lean_mask(seen, start, T)
+        for l, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, act) in enumerate(blocks):
+            q, k, v = (z.view(rows, T, H, D).transpose(1, 2) for z in c_attn(ln_1(x)).split(C, dim=2))
             K[l, :, :, start:start + T], V[l, :, :, start:start + T] = k, v
-            y = F.scaled_dot_product_attention(q, K[l, :, :, :start + T], V[l, :, :, :start + T], is_causal=T > 1)
-            x = x + b.attn.c_proj(y.transpose(1, 2).reshape(1, T, C))
-            x = x + b.mlp.c_proj(b.mlp.act(b.mlp.c_fc(b.ln_2(x))))
-        return model.lm_head(t.ln_f(x[:, -1:]))[0, -1]
+            y = F.scaled_dot_product_attention(q, K[l, :, :, :start + T], V[l, :, :, :start + T], attn_mask=mask,
+                                               is_causal=mask is None and T > 1)
+            x = x + c_proj(y.transpose(1, 2).reshape(rows, T, C))
+            x = x + mlp_proj(act(c_fc(ln_2(x))))
+        return model.lm_head(t.ln_f(x[:, -1:]))[:, -1]
     return step
 
 # %% ../nbs/08_generation.ipynb #331b5ad9
@@ -131,7 +153,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 100, temper
     lean = lean_gpt2_step(model)
     with _eval_mode(model):
         for _ in range(max_new_tokens):
-            if len(ids) <= ctx and lean is not None: logits = lean(ids[cached:], cached)
+            if len(ids) <= ctx and lean is not None: logits = lean(ids[cached:], cached)[0]
             elif past is not None and len(ids) <= ctx:
                 res = model(input_ids=torch.tensor([ids[cached:]], device=device), **{cache_kwarg(model): past}, use_cache=True, logits_to_keep=1)
                 past, logits = cache_of(res), res.logits[0, -1]
@@ -193,22 +215,32 @@ def generate_batch_ids(model, prompts: list[list[int]], max_new_tokens: int = 10
     ids, mask, pos = _left_pad(rows, pad, device)
     gens = [torch.Generator(device='cpu').manual_seed(seed) if seed is not None else None for _ in rows]
     out, done = [[] for _ in rows], [False] * B
+    lean, padded = lean_gpt2_step(model, B), not bool(mask.all())
+    greedy = temperature == 0 and repetition_penalty == 1.0  # every row's argmax at once: the same tokens as row by row
+    def forward(new, res=None):
+        "The next logits of every row: the lean step for GPT-2, the model's forward with its cache otherwise."
+        if lean is not None: return lean(new, mask.shape[1] - new.shape[1], pos, mask.bool() if padded else None), None
+        if res is None: res = model(input_ids=new, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        else: res = model(input_ids=new, attention_mask=mask, position_ids=pos, **{cache_kwarg(model): cache_of(res)},
+                          use_cache=True, logits_to_keep=1)
+        return res.logits[:, -1], res
     with _eval_mode(model):
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        last, res = forward(ids)
         for _ in range(max_new_tokens):
-            logits = res.logits[:, -1].float().cpu()
-            nxt = []
+            logits = last.float().cpu()
+            nxt, best = [], logits.argmax(-1).tolist() if greedy else None
             for i in range(B):
                 if done[i]: nxt.append(pad); continue
-                lg = penalize_repeats(logits[i], rows[i] + out[i], repetition_penalty) if repetition_penalty != 1.0 else logits[i]
-                t = next_token(lg, temperature, top_k, top_p, gens[i])
+                if greedy: t = best[i]
+                else:
+                    lg = penalize_repeats(logits[i], rows[i] + out[i], repetition_penalty) if repetition_penalty != 1.0 else logits[i]
+                    t = next_token(lg, temperature, top_k, top_p, gens[i])
                 out[i].append(t); nxt.append(t)
                 if eos_token_id is not None and t == eos_token_id: done[i] = True
             if all(done): break
             pos = pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-            res = model(input_ids=torch.tensor(nxt, device=device)[:, None], attention_mask=mask, position_ids=pos,
-                        **{cache_kwarg(model): cache_of(res)}, use_cache=True, logits_to_keep=1)
+            last, res = forward(torch.tensor(nxt, device=device)[:, None], res)
     return out
 
 # %% ../nbs/08_generation.ipynb #a8d4ae8c

@@ -15,10 +15,12 @@ def chromium() -> str | None:
 
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
-    "The whole site, built as `make docs-preview` builds it (every notebook executed)."
+    "The whole site, built as `make docs-preview` builds it: every notebook executed, or taken as `make test`'s nbdev-test executed it."
     out = tmp_path_factory.mktemp('site')
     t = time.time()
-    res = subprocess.run([sys.executable, str(REPO/'tools'/'docs_preview.py'), '--out', str(out)], cwd=REPO,
+    done = os.environ.get('DOCS_EXECUTED')  # `make test`: the notebooks nbdev-test ran just before, with their outputs
+    res = subprocess.run([sys.executable, str(REPO/'tools'/'docs_preview.py'), '--out', str(out),
+                          *(['--executed', done] if done and os.path.isdir(done) else [])], cwd=REPO,
                          capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
     print(f'docs preview built in {time.time() - t:.0f} s:\n{res.stdout}')
@@ -38,6 +40,7 @@ def browser():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the site's build (the fixture) counts here: every notebook executed where none were given
 def test_docs_preview_builds_every_page_without_errors(site):
     pages = sorted(str(p.relative_to(site)) for p in site.rglob('*.html'))
     for must in ('index.html', 'tutorials/train_python_stdlib.html', 'explanations/run_directory.html',
@@ -50,6 +53,7 @@ def test_docs_preview_builds_every_page_without_errors(site):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_docs_pages_render_api_docs_and_plots_in_chromium(browser, site, tmp_path):  # browser first: a skip costs no build
     page = browser.new_page(viewport={'width': 1280, 'height': 900})
 

@@ -9,6 +9,10 @@ records the lines it runs as that module's lines. A cell that is not exported, o
 `nbdev-export` (the text differs), runs exactly as before. Tracebacks through a mapped cell show the module's file and
 lines (the same code). nbdev-test's workers are forked, so they inherit the patch; without coverage running this
 behaves exactly as `nbdev-test`.
+
+`--save-to DIR`: every notebook that passes is written, with the outputs this run gave it, to DIR (its path under nbs/
+kept) instead of over itself (nbdev-test's `--save`). `make test` hands DIR to the docs test, which builds the site from
+these outputs rather than executing every notebook a second time.
 """
 import ast, importlib.util, os, re, sys
 from pathlib import Path
@@ -65,8 +69,26 @@ def install(pkg: str = 'model_foundry'):
     CachingCompiler.cache, CachingCompiler.ast_parse = cache_, ast_parse_
 
 
+def save_outputs_to(folder: Path, nbs: Path):
+    "nbdev-test's `--save` writes each passing notebook under `folder`, at its path relative to `nbs`, not over itself."
+    import nbdev.test
+    from fastcore.nbio import write_nb
+
+    def write(nb, fn):
+        out = folder/Path(fn).resolve().relative_to(nbs.resolve())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_nb(nb, out)
+    nbdev.test.write_nb = write
+
+
 if __name__ == '__main__':
     if os.environ.get('COVERAGE_PROCESS_START') or os.environ.get('COVERAGE_PROCESS_CONFIG'): install()
+    if '--save-to' in sys.argv:
+        i = sys.argv.index('--save-to')
+        folder = Path(sys.argv[i + 1]).resolve()
+        del sys.argv[i:i + 2]
+        save_outputs_to(folder, Path(__file__).resolve().parent.parent/'nbs')
+        sys.argv.append('--save')
     from nbdev.test import nbdev_test
     sys.argv[0] = 'nbdev-test'
     sys.exit(nbdev_test())

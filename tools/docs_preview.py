@@ -1,6 +1,6 @@
 """Render the docs site from the notebooks with pure-Python tools, where Quarto cannot be installed.
 
-    python tools/docs_preview.py [--out _site] [--workers 2] [--only PATTERN ...]
+    python tools/docs_preview.py [--out _site] [--workers 2] [--only PATTERN ...] [--executed DIR]
     python tools/docs_preview.py --execute-in-place     (before nbdev-docs: Quarto renders stored outputs)
 
 The canonical site is nbdev's Quarto build (`nbdev-docs`). This preview builds the same pages from
@@ -8,9 +8,14 @@ the same notebooks: each notebook is executed (nbclient, so plots and outputs ar
 through nbdev's own doc processors (`show_doc` for every exported name, `#| hide`, `#| echo: false`,
 frontmatter from the title cell), and converted to HTML with nbconvert. Pages: the home page
 (index.ipynb), tutorials/, explanations/, and the API reference (the numbered notebooks).
+
+`--executed DIR`: a notebook found under DIR (its path under nbs/ kept), already executed, is used as it is instead of
+being executed again: `make test` passes the notebooks its nbdev-test run executed (tools/coverage_nbdev_test.py
+--save-to), so the docs test builds the site from those outputs.
 """
 import argparse, concurrent.futures as cf, html, os, re, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
+from typing import Optional
 
 import nbformat, yaml
 
@@ -132,12 +137,15 @@ def render(src: Path, section: str, name: str, nav: str, out_root: Path) -> dict
     return dict(name=name, title=title, section=section)
 
 
-def _build_one(nb: Path, work: Path, timeout: int, threads: int) -> tuple[Path, float]:
-    "Execute and process one notebook in its own process (kernels and nbdev's in-process shell stay apart)."
+def _build_one(nb: Path, work: Path, timeout: int, threads: int, done: Optional[Path] = None) -> tuple[Path, float]:
+    "Execute (unless `done` holds it executed) and process one notebook in its own process (kernels and nbdev's shell stay apart)."
     t, rel = time.time(), nb.relative_to(NBS)
     executed, processed = work/'executed'/rel, work/'processed'/rel
     executed.parent.mkdir(parents=True, exist_ok=True); processed.parent.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run([sys.executable, __file__, '--one', str(nb), str(executed), str(processed), '--timeout', str(timeout)],
+    reuse = done is not None and (done/rel).is_file()
+    if reuse: shutil.copyfile(done/rel, executed)
+    r = subprocess.run([sys.executable, __file__, '--one', str(nb), str(executed), str(processed), '--timeout', str(timeout),
+                        *(['--executed', str(done)] if reuse else [])],
                        cwd=REPO, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
     if r.returncode: raise RuntimeError(f'{rel} failed:\n{r.stderr[-4000:]}')
     return processed, time.time() - t
@@ -150,8 +158,8 @@ def _title_of(nb: Path) -> str:
     return nb.stem
 
 
-def build(out: Path, workers: int = 2, only=(), timeout: int = 900) -> list[dict]:
-    "Build the site into `out`; returns one record per page."
+def build(out: Path, workers: int = 2, only=(), timeout: int = 900, done: Optional[Path] = None) -> list[dict]:
+    "Build the site into `out` (notebooks under `done` are taken as executed); returns one record per page."
     todo = selected(only)
     links, current = [], None
     for s, p in pages():
@@ -166,7 +174,7 @@ def build(out: Path, workers: int = 2, only=(), timeout: int = 900) -> list[dict
     try:
         with cf.ThreadPoolExecutor(workers) as pool:
             threads = max(1, (os.cpu_count() or 1) // workers)  # torch in parallel kernels must not oversubscribe the cores
-            futs = {pool.submit(_build_one, p, work, timeout, threads): (s, p) for s, p in todo}
+            futs = {pool.submit(_build_one, p, work, timeout, threads, done): (s, p) for s, p in todo}
             for f in cf.as_completed(futs):
                 s, p = futs[f]
                 try:
@@ -220,13 +228,15 @@ def main(argv=None) -> int:
     ap.add_argument('--workers', type=int, default=2, help='notebooks executed at once, each with cores/workers torch threads')
     ap.add_argument('--only', action='append', default=[], metavar='REGEX', help='build only matching notebooks (repeatable)')
     ap.add_argument('--timeout', type=int, default=900, help='seconds a cell may run')
+    ap.add_argument('--executed', metavar='DIR', help='notebooks already executed (paths as under nbs/): used, not executed again')
     ap.add_argument('--execute-in-place', action='store_true',
                     help="only execute the notebooks, writing their outputs into nbs/ (for nbdev-docs, which renders stored outputs; do not commit them)")
     ap.add_argument('--one', nargs=3, metavar=('NOTEBOOK', 'EXECUTED', 'PROCESSED'), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
         nb, executed, processed = map(Path, a.one)
-        execute(nb, executed, a.timeout); process(executed, processed)
+        if not a.executed: execute(nb, executed, a.timeout)
+        process(executed, processed)
         return 0
     t = time.time()
     if a.execute_in_place:
@@ -234,7 +244,7 @@ def main(argv=None) -> int:
         with cf.ThreadPoolExecutor(a.workers) as pool: list(pool.map(lambda p: execute(p, p, a.timeout), todo))
         print(f'{len(todo)} notebooks executed in place in {time.time() - t:.0f} s')
         return 0
-    built = build(Path(a.out), a.workers, a.only, a.timeout)
+    built = build(Path(a.out), a.workers, a.only, a.timeout, Path(a.executed).resolve() if a.executed else None)
     print(f'{len(built)} pages in {time.time() - t:.0f} s: {Path(a.out)/"index.html"}')
     return 0
 
