@@ -38,9 +38,9 @@ def enable_gradient_checkpointing(model):
     return model
 
 # %% ../nbs/02b_compute.ipynb #2f9c09b0
-def compile_for_training(module: torch.nn.Module, backend: str = 'inductor') -> torch.nn.Module:
-    "`module` compiled for the training forward with `backend`; save and evaluate the plain module, not this."
-    return torch.compile(module, backend=backend)
+def compile_for_training(module: torch.nn.Module, backend: str = 'inductor', mode: Optional[str] = None) -> torch.nn.Module:
+    "`module` compiled for the training forward with `backend` (and torch.compile's `mode`); save and evaluate the plain module."
+    return torch.compile(module, backend=backend, mode=mode)
 
 # %% ../nbs/02b_compute.ipynb #acaf4298
 def cuda_settings(tf32: bool = True) -> dict:

@@ -166,6 +166,7 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = False                # recompute activations in backward: less memory, ~30% more time
     compile: bool = False                               # torch.compile the training forward (checkpoints stay plain)
     compile_backend: str = 'inductor'                   # torch.compile's backend (aot_eager: no C++ compiler needed)
+    compile_mode: Optional[Literal['default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs']] = None  # torch.compile's mode
     attention: Literal['auto', 'eager', 'sdpa', 'flash_attention_2'] = 'auto'  # auto: sdpa; unavailable choices fall back, saying so
     tf32: bool = True                                   # CUDA fp32 matmuls on TF32 tensor cores (Ampere and later)
 
@@ -323,7 +324,7 @@ def resolve_config(cfg: ExperimentConfig, train_blocks: int, vocab_size: int) ->
     return c
 
 # %% ../nbs/00_config.ipynb #ce55dd64
-COMPUTE_ONLY = {'gradient_checkpointing', 'compile', 'compile_backend', 'attention', 'tf32'}  # how, not what, is trained
+COMPUTE_ONLY = {'gradient_checkpointing', 'compile', 'compile_backend', 'compile_mode', 'attention', 'tf32'}  # how, not what, is trained
 
 def config_hash(cfg: ExperimentConfig) -> str:
     "A short, stable hash of everything in `cfg` that affects what is trained (logging and `COMPUTE_ONLY` settings excluded)."

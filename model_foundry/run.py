@@ -291,7 +291,7 @@ def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, pr
     if cfg.model.init == 'pretrained': model = finetune_model(cfg, device)  # full, LoRA or QLoRA
     else: model = build_model(cfg.model, prepared.vocab_size, cfg.data.max_sequence_length, prepared.tokenizer.eos_token_id).to(device)
     compute = dict(attention=set_attention(model, t.attention, device, precision), gradient_checkpointing=t.gradient_checkpointing,
-                   compile=t.compile_backend if t.compile else None)
+                   compile=' '.join(filter(None, (t.compile_backend, t.compile_mode))) if t.compile else None)
     if t.gradient_checkpointing: enable_gradient_checkpointing(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) if dist.active else None
     if dist.rank: seed_rank(0, dist.rank)  # the model is rank 0's (DDP broadcast it); dropout draws differ per rank
@@ -307,7 +307,7 @@ def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, pr
     learn = Learner(model, DataLoaders.from_config(prepared, cfg.data, cfg.random_seed, t.eval_batches), opt, make_scheduler(opt, t),
                    train_steps=t.train_steps, eval_every=t.eval_interval, grad_accum=t.gradient_accumulation_steps,
                    max_grad_norm=t.max_grad_norm, device=device, precision=precision, cbs=cbs, dist=dist, ddp=ddp,
-                   compiled=compile_for_training(model if ddp is None else ddp, t.compile_backend) if t.compile else None)
+                   compiled=compile_for_training(model if ddp is None else ddp, t.compile_backend, t.compile_mode) if t.compile else None)
     learn.compute = compute
     return learn
 
