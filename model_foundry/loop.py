@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .checkpointing import (TrainerState, capture_rng, checkpoint_name, restore_rng, list_checkpoints, load_checkpoint, prune_checkpoints,
                                          save_checkpoint, tidy_checkpoints)
-from .config import TrainingConfig, log, replacing
+from .config import NewerFormat, TrainingConfig, log, replacing
 from .distributed import (SINGLE, Dist, all_sum, all_sum_tensor, any_rank, barrier, broadcast_from_main, gather_to_main,
                                        rank_share, share_micro_batch)
 from .evaluation import IGNORE, evaluate_loss, lm_loss, loss_sum, perplexity
@@ -408,6 +408,7 @@ def restore_newest(learn: Learner, checkpoints: list[Path]) -> tuple[Optional[Pa
     failed = []
     for ckpt in checkpoints:
         try: restore(learn, ckpt); ok = True
+        except NewerFormat: raise  # written by a newer model_foundry: refused, not skipped for an older checkpoint
         except Exception as e:
             why = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
             log.warning(f'skipping checkpoint {ckpt}: cannot be loaded ({why})'); failed.append(f'{ckpt.name}: {why}'); ok = False

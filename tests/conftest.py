@@ -1,5 +1,5 @@
 """Shared fixtures: an isolated cache, the tiny Shakespeare corpus, and helpers to run `foundry` and wait on it."""
-import os, subprocess, sys, time
+import os, shutil, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,16 @@ def cache_dir(tmp_path, monkeypatch):
 def shakespeare():
     assert SHAKESPEARE.is_file(), f'tiny Shakespeare is part of the repository: {SHAKESPEARE} is missing'
     return SHAKESPEARE
+
+
+def copy_fixture_run(src: Path, dest: Path) -> Path:
+    "A committed run directory, copied into `dest`; its config pointed at this clone's tests/data/tiny.txt (a path, not the data, changes)."
+    run = Path(dest)/Path(src).name
+    shutil.copytree(src, run)
+    text = (run/'config.yaml').read_text()
+    old = next(l for l in text.splitlines() if l.strip().startswith('source_corpus:'))
+    (run/'config.yaml').write_text(text.replace(old, f"  source_corpus: {REPO/'tests'/'data'/'tiny.txt'}"))
+    return run
 
 
 def foundry(*args, cwd=None, timeout=600, env=None):

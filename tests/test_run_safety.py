@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, foundry, start_train, wait_until
+from conftest import REPO, copy_fixture_run, foundry, start_train, wait_until
 from model_foundry.checkpointing import list_checkpoints, load_checkpoint, verify_checkpoint
 from model_foundry.config import load_config
 from model_foundry.fixtures import StopAfter
@@ -41,16 +41,6 @@ def same_weights(a, b) -> bool:
     "Two model directories (final/ or a checkpoint) hold the same tensors, as the Auto classes load them."
     sa, sb = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (a, b))
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def copy_fixture_run(name: str, dest: Path) -> Path:
-    "A committed run directory, copied; its config pointed at this clone's copy of the corpus (a path, not the data, changes)."
-    run = dest/name
-    shutil.copytree(FIXTURES/name, run)
-    text = (run/'config.yaml').read_text()
-    old = next(l for l in text.splitlines() if l.strip().startswith('source_corpus:'))
-    (run/'config.yaml').write_text(text.replace(old, f'  source_corpus: {CORPUS}'))
-    return run
 
 
 @pytest.mark.slow
@@ -95,7 +85,7 @@ def test_unverifiable_checkpoint_is_quarantined_not_deleted(tmp_path, cache_dir)
 def test_checkpoint_without_manifest_from_earlier_version_is_upgraded_and_resumed(tmp_path, cache_dir):
     # tests/fixtures/legacy_run was written by this project at commit 5f403bd (before checkpoints had a manifest,
     # a config.json or a format_version), stopped after its step-10 checkpoint as a crash would leave it
-    run = copy_fixture_run('legacy_run', tmp_path)
+    run = copy_fixture_run(FIXTURES/'legacy_run', tmp_path)
     ck = run/'checkpoints'/'step-00000010'
     assert not (ck/'manifest.json').exists() and 'format_version' not in json.loads((ck/'trainer_state.json').read_text())
     before = {p.name: p.read_bytes() for p in ck.iterdir()}
@@ -115,7 +105,7 @@ def test_checkpoint_without_manifest_from_earlier_version_is_upgraded_and_resume
 def test_gpu_saved_optimizer_state_resumes_on_cpu(tmp_path, cache_dir):
     # tests/fixtures/gpu_run: stopped at step 10; its optimizer state carries CUDA device tags (see
     # tools/make_gpu_checkpoint_fixture.py and the fixture's environment.json for how it was made)
-    run = copy_fixture_run('gpu_run', tmp_path)
+    run = copy_fixture_run(FIXTURES/'gpu_run', tmp_path)
     ck = run/'checkpoints'/'step-00000010'
     if not torch.cuda.is_available():  # what every CPU-only loader without map_location meets
         with pytest.raises(RuntimeError, match='CUDA'): torch.load(ck/'optimizer.pt', weights_only=True)
