@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'log', 'ACTIVATIONS', 'RENAMED', 'REMOVED', 'COMPUTE_ONLY', 'ConfigError', 'NewerFormat',
            'check_version', 'Section', 'DataConfig', 'TokenizerConfig', 'ModelConfig', 'TrainingConfig',
-           'LoggingConfig', 'FinetuneConfig', 'ExperimentConfig', 'format_validation_error', 'validate_config',
-           'parse_override', 'apply_overrides', 'read_yaml', 'migrate_config', 'load_config', 'resolve_config',
-           'config_hash', 'replacing', 'write_atomic', 'save_config']
+           'LoggingConfig', 'RegistryConfig', 'FinetuneConfig', 'ExperimentConfig', 'format_validation_error',
+           'validate_config', 'parse_override', 'apply_overrides', 'read_yaml', 'migrate_config', 'load_config',
+           'resolve_config', 'config_hash', 'replacing', 'write_atomic', 'save_config']
 
 # %% ../nbs/00_config.ipynb #9eb6eae4
 import contextlib, errno, hashlib, json, logging, math, os, shutil
@@ -206,6 +206,17 @@ class LoggingConfig(Section):
     sample_prompts: list[str] = []                    # generated at each evaluation (W&B table); default: a slice of val text
     sample_ledger: bool = False                       # RUN_DIR/samples.jsonl: each step's global sample ranges (resume proof)
 
+class RegistryConfig(Section):
+    "Where a run's model is registered, and what it must meet first (the health check); not part of what is trained."
+    path: Optional[str] = None           # the local registry (SQLite); default <logging.dir>/registry.sqlite
+    name: Optional[str] = None           # the model's name in the registry (its collection); default experiment_name
+    wandb: bool = False                  # also link registered versions into W&B Registry (logging.wandb_* settings)
+    wandb_registry: str = 'model'        # the W&B registry: wandb-registry-<this>
+    max_val_loss: Optional[float] = Field(None, gt=0)          # health: validation loss at most this
+    suite: Optional[str] = None                                # health: a behavioural suite run before registering
+    min_pass_rate: Optional[float] = Field(None, ge=0, le=1)   # health: the suite's pass rate at least this
+    min_parse_rate: Optional[float] = Field(None, ge=0, le=1)  # health: the suite's Python parse rate at least this
+
 # %% ../nbs/00_config.ipynb #6b60718f
 class FinetuneConfig(Section):
     "How a pretrained model is trained: all its weights, LoRA adapters, or LoRA on a 4-bit base (QLoRA)."
@@ -231,6 +242,7 @@ class ExperimentConfig(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     training: TrainingConfig = TrainingConfig()
     logging: LoggingConfig = LoggingConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     @model_validator(mode='before')
     @classmethod
@@ -379,8 +391,8 @@ def resolve_config(cfg: ExperimentConfig, train_blocks: int, vocab_size: int) ->
 COMPUTE_ONLY = {'gradient_checkpointing', 'compile', 'compile_backend', 'compile_mode', 'attention', 'tf32'}  # how, not what, is trained
 
 def config_hash(cfg: ExperimentConfig) -> str:
-    "A short, stable hash of everything in `cfg` that affects what is trained (logging, `COMPUTE_ONLY` and the schema version excluded)."
-    d = cfg.model_dump(mode='json', exclude={'schema_version': True, 'logging': True, 'training': COMPUTE_ONLY})
+    "A short, stable hash of everything in `cfg` that affects what is trained (logging, registry, `COMPUTE_ONLY`, the schema version excluded)."
+    d = cfg.model_dump(mode='json', exclude={'schema_version': True, 'logging': True, 'registry': True, 'training': COMPUTE_ONLY})
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../nbs/00_config.ipynb #b35f480d
