@@ -11,6 +11,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                  'model_foundry/checkpointing.py'),
                                              'model_foundry.checkpointing.capture_rng': ( 'checkpointing.html#capture_rng',
                                                                                           'model_foundry/checkpointing.py'),
+                                             'model_foundry.checkpointing.check_formats': ( 'checkpointing.html#check_formats',
+                                                                                            'model_foundry/checkpointing.py'),
                                              'model_foundry.checkpointing.checkpoint_dirs': ( 'checkpointing.html#checkpoint_dirs',
                                                                                               'model_foundry/checkpointing.py'),
                                              'model_foundry.checkpointing.checkpoint_name': ( 'checkpointing.html#checkpoint_name',

@@ -6,8 +6,9 @@
 __all__ = ['FORMAT_VERSION', 'StopReason', 'CKPT_RE', 'MANIFEST', 'COMPLETE', 'QUARANTINE', 'CHECKPOINT_FORMAT',
            'ADAPTER_WEIGHTS', 'capture_rng', 'restore_rng', 'seed_rank', 'TrainerState', 'checkpoint_name',
            'sha256_file', 'write_manifest', 'is_adapter_model', 'save_weights', 'load_weights', 'save_checkpoint',
-           'checkpoint_dirs', 'list_checkpoints', 'read_trainer_state', 'is_legacy', 'verify_checkpoint', 'quarantine',
-           'tidy_checkpoints', 'intact_checkpoints', 'rank_rng', 'load_checkpoint', 'prune_checkpoints']
+           'checkpoint_dirs', 'list_checkpoints', 'read_trainer_state', 'is_legacy', 'verify_checkpoint',
+           'check_formats', 'quarantine', 'tidy_checkpoints', 'intact_checkpoints', 'rank_rng', 'load_checkpoint',
+           'prune_checkpoints']
 
 # %% ../nbs/04_checkpointing.ipynb #d5c0da17
 import dataclasses, hashlib, json, random, re, shutil, time
@@ -189,6 +190,15 @@ def verify_checkpoint(path) -> Optional[str]:
         if f.stat().st_size != rec['size']: return f'{name} has {f.stat().st_size} bytes, the manifest says {rec["size"]}'
         if sha256_file(f) != rec['sha256']: return f'{name} does not match its sha256'
     return None
+
+# %% ../nbs/04_checkpointing.ipynb #6e46770d
+def check_formats(root):
+    "Raise `NewerFormat` when a checkpoint under `root` was written by a newer model_foundry; damaged files are left to `tidy_checkpoints`."
+    for p in checkpoint_dirs(root):
+        for name, known in ((MANIFEST, CHECKPOINT_FORMAT), ('trainer_state.json', FORMAT_VERSION)):
+            try: v = json.loads((p/name).read_text()).get('format_version', 1)
+            except (OSError, ValueError, AttributeError): continue
+            check_version('format_version', v, known, p/name)
 
 # %% ../nbs/04_checkpointing.ipynb #a370ce1c
 def quarantine(path, reason: str) -> Path:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from .checkpointing import seed_rank, checkpoint_name, is_adapter_model, list_checkpoints, load_checkpoint, read_trainer_state, save_weights
+from .checkpointing import check_formats, seed_rank, checkpoint_name, is_adapter_model, list_checkpoints, load_checkpoint, read_trainer_state, save_weights
 from .config import ConfigError, ExperimentConfig, check_version, config_hash, log, load_config, replacing, resolve_config, save_config, write_atomic
 from .data import PreparedData
 from .finetune import finetune_model, format_report, max_logit_difference, merged_model, parameter_report
@@ -420,7 +420,7 @@ def train(cfg: ExperimentConfig, run_dir=None, progress: bool = True, callbacks=
     run, d = RunDir(run_dir or default_run_dir(cfg)), init_distributed(device.type)
     only = lambda cm: cm if d.main else contextlib.nullcontext((None, []))
     if (done := broadcast_from_main(d, skip_finished(run, cfg) if d.main else None)) is not None: return done
-    if d.main: check_unlocked(run)
+    if d.main: check_unlocked(run); check_formats(run.checkpoints)  # refused before anything in the run is written
     else: barrier(d)  # rank 0 prepares the data first; the others find it in the cache
     prepared, resolved, train_blocks = plan_run(cfg, run, progress and d.main)
     if d.main:

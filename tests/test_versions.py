@@ -102,8 +102,9 @@ def same_weights(a, b) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize('golden', GOLDEN, ids=[g.name for g in GOLDEN])
-def test_committed_fixture_run_resumes_evaluates_and_generates(tmp_path, cache_dir, golden):
+def test_committed_fixture_run_resumes_evaluates_and_generates(tmp_path, cache_dir, golden, monkeypatch):
     made = json.loads((golden/'FIXTURE.json').read_text())
+    monkeypatch.setenv('OMP_NUM_THREADS', str(made['threads']))  # the fixture's thread count: the same float sums, so bit for bit
     # resume the run the fixture's version stopped after step 10 of 20
     run = copy_fixture_run(golden/'stopped', tmp_path)
     res = foundry('train', run/'config.yaml', '--run-dir', run)
