@@ -35,6 +35,11 @@ def _train_args(s, func):
     s.add_argument('--run-dir', help='run directory (default: <logging.dir>/<experiment_name>)')
     s.set_defaults(func=func)
 
+def _retry_args(s):
+    "--retries and --retry-backoff of the job commands."
+    s.add_argument('--retries', type=int, default=0, help='try a failed job again up to N times; it resumes from its last checkpoint')
+    s.add_argument('--retry-backoff', type=float, default=10.0, metavar='SECONDS', help='wait before the first retry, doubled for each next (default 10)')
+
 # %% ../nbs/14_cli.ipynb #3e00dcaf
 def _eval_args(s, func):
     "The arguments of `foundry eval`, shared by `foundry job evaluate`."
@@ -184,7 +189,7 @@ def cmd_job_train(args) -> int:
     from model_foundry.jobs import train_job
     from model_foundry.run import default_run_dir
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    st = train_job(args.config, run_dir, args.set)
+    st = train_job(args.config, run_dir, args.set, retries=args.retries, backoff=args.retry_backoff)
     print(f"{_run_line(run_dir, st)}; lab notebook {run_dir/'train.ipynb'}")
     return 0
 
@@ -210,11 +215,13 @@ def cmd_sweep(args) -> int:
         out.write_text(yaml.safe_dump(wandb_sweep_config(args.config, grid, args.set, args.sweep_dir), sort_keys=False))
         print(f"wrote {out}: start it with `wandb sweep {out}`, then `wandb agent ENTITY/PROJECT/SWEEP_ID` on each machine")
         return 0
-    try: root, rows = sweep(args.config, grid, args.set, args.sweep_dir)
+    try: root, rows = sweep(args.config, grid, args.set, args.sweep_dir, retries=args.retries, backoff=args.retry_backoff)
     except RunInterrupted as e:
         print(f"foundry: sweep stopped: {e}; `foundry sweep` again resumes it", file=sys.stderr)
         return e.exit_code
-    for i, r in enumerate(rows, 1): print(f"{i:>3}. {r['run']}: {_loss(r['best_val_loss'])} ({r['status'].replace('_', ' ')})")
+    for i, r in enumerate(rows, 1):
+        tried = f", {r['failed_attempts']} failed attempt(s), {r['retries']} retried" if r['failed_attempts'] else ''
+        print(f"{i:>3}. {r['run']}: {_loss(r['best_val_loss'])} ({r['status'].replace('_', ' ')}{tried})")
     print(f"summary: {root/'summary.md'} (and summary.csv, summary.png)")
     return 0
 
@@ -319,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser('job', help='run a papermill job notebook; its executed copy is kept in the run directory')
     jobs = s.add_subparsers(dest='job', required=True, parser_class=_Parser)
-    _train_args(jobs.add_parser('train', help='train (or resume) the run of CONFIG through jobs/train.ipynb; skips a finished run'), cmd_job_train)
+    _train_args(s := jobs.add_parser('train', help='train (or resume) the run of CONFIG through jobs/train.ipynb; skips a finished run'), cmd_job_train)
+    _retry_args(s)
     _eval_args(jobs.add_parser('evaluate', help="evaluate a run through jobs/evaluate.ipynb; writes RUN_DIR/report/"), cmd_job_evaluate)
 
     s = sub.add_parser('sweep', help='train every point of a grid as a job, skipping finished runs; writes a ranked summary')
@@ -329,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _set_arg(s)
     s.add_argument('--sweep-dir', help='where the runs go (default: <logging.dir>/<experiment_name>-sweep)')
     s.add_argument('--wandb-sweep', metavar='FILE', help='write the equivalent W&B sweep config to FILE instead of running')
+    _retry_args(s)
     s.set_defaults(func=cmd_sweep)
     add_model_commands(sub)  # compare, registry, promote (13a_registry_cli)
     return p

@@ -22,6 +22,7 @@ from .loop import ORDERS, Callback
 from .reports import read_metrics
 from .run import FINISHED, RunDir, RunInterrupted, check_recorded_config, check_unlocked, default_run_dir, skip_finished
 from .results import load_run
+from .retries import read_attempts, with_retries
 
 # %% ../nbs/13_jobs.ipynb #0b17391e
 def job_notebook(name: str) -> Path:
@@ -109,15 +110,17 @@ def execute_job(name: str, out: Path, parameters: dict, echo: bool = True) -> Pa
     return out
 
 # %% ../nbs/13_jobs.ipynb #d5571014
-def train_job(config, run_dir=None, overrides=(), echo: bool = True) -> dict:
-    "Run jobs/train.ipynb for `config` (+ `overrides`) in `run_dir`, unless that run is finished; return the run's state."
+def train_job(config, run_dir=None, overrides=(), echo: bool = True, retries: int = 0, backoff: float = 10.0) -> dict:
+    "Run jobs/train.ipynb for `config` (+ `overrides`) in `run_dir`, unless that run is finished, up to `retries` more times if it fails; the run's state."
     cfg = load_config(config, list(overrides))
     run = RunDir(run_dir or default_run_dir(cfg))
     nb = run.root/'train.ipynb'
     if nb.is_file() and (state := skip_finished(run, cfg, f'; lab notebook {nb}')) is not None: return state
-    check_unlocked(run)  # before the running trainer's lab notebook is renamed
-    if kept := keep_previous(nb): log.info(f'the earlier attempt\'s lab notebook is kept as {kept}')
-    execute_job('train', nb, dict(config=str(Path(config).resolve()), overrides=list(overrides), run_dir=str(run.root.resolve())), echo)
+    def attempt():
+        check_unlocked(run)  # before the running trainer's lab notebook is renamed
+        if kept := keep_previous(nb): log.info(f'the earlier attempt\'s lab notebook is kept as {kept}')
+        execute_job('train', nb, dict(config=str(Path(config).resolve()), overrides=list(overrides), run_dir=str(run.root.resolve())), echo)
+    with_retries(attempt, retries, backoff, (JobFailed,), run.root, f'job {nb}')  # bad input and signals are not retried
     return run.read_state()
 
 # %% ../nbs/13_jobs.ipynb #b3c09090
@@ -175,16 +178,17 @@ def sweep_runs(config, grid: dict, overrides=(), sweep_dir=None) -> tuple[Path, 
 
 # %% ../nbs/13_jobs.ipynb #5322630c
 def sweep_rows(sweep_dir) -> list[dict]:
-    "One row per run in `sweep_dir`: its name, grid values, status, best and last val loss, steps, tokens/s; finished runs first, best first."
+    "One row per run in `sweep_dir`: name, grid values, status, best and last val loss, steps, tokens/s, failed attempts and retries; finished and best first."
     rows = []
     for pf in sorted(Path(sweep_dir).glob('*/sweep_point.json')):
         run = RunDir(pf.parent)
-        st, recs = run.read_state(), read_metrics(run.metrics) if run.metrics.is_file() else []
+        st, recs, tries = run.read_state(), read_metrics(run.metrics) if run.metrics.is_file() else [], read_attempts(pf.parent)
         tr = [r for r in recs if r['type'] == 'train' and r.get('tokens_per_s')]
         rows.append(dict(run=run.root.name, **json.loads(pf.read_text()), status=st.get('status', 'not started'),
                          best_val_loss=st.get('best_val_loss'), best_step=st.get('best_step'),
                          last_val_loss=st.get('last_val_loss'), step=st.get('step'),
-                         tokens_per_s=round(sum(r['tokens_per_s'] for r in tr) / len(tr)) if tr else None))
+                         tokens_per_s=round(sum(r['tokens_per_s'] for r in tr) / len(tr)) if tr else None,
+                         failed_attempts=sum(not a['ok'] for a in tries), retries=sum(bool(a.get('retried')) for a in tries)))
     return sorted(rows, key=lambda r: (r['status'] not in FINISHED, r['best_val_loss'] is None, r['best_val_loss'] or 0.0, r['run']))
 
 # %% ../nbs/13_jobs.ipynb #51d86284
@@ -228,8 +232,8 @@ def write_summary(sweep_dir) -> list[dict]:
     return rows
 
 # %% ../nbs/13_jobs.ipynb #54d979f6
-def sweep(config, grid: dict, overrides=(), sweep_dir=None, echo: bool = True) -> tuple[Path, list[dict]]:
-    "Run every grid point of `config` as a job in `sweep_dir`, skipping finished runs; return the directory and ranked rows."
+def sweep(config, grid: dict, overrides=(), sweep_dir=None, echo: bool = True, retries: int = 0, backoff: float = 10.0) -> tuple[Path, list[dict]]:
+    "Run every grid point of `config` as a job in `sweep_dir` (each tried `retries` more times if it fails), skipping finished runs; the directory and ranked rows."
     root, runs = sweep_runs(config, grid, overrides, sweep_dir)
     failed = []
     try:
@@ -237,7 +241,7 @@ def sweep(config, grid: dict, overrides=(), sweep_dir=None, echo: bool = True) -
             r['run_dir'].mkdir(parents=True, exist_ok=True)
             (r['run_dir']/'sweep_point.json').write_text(json.dumps(r['point']))
             log.info(f"sweep {root}: run {i}/{len(runs)} {r['name']}")
-            try: train_job(config, r['run_dir'], r['overrides'], echo)
+            try: train_job(config, r['run_dir'], r['overrides'], echo, retries, backoff)
             except JobFailed as e:
                 log.warning(f"run {r['name']} failed: {e}"); failed.append(r['name'])
             if i < len(runs): write_summary(root)

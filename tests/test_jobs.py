@@ -197,3 +197,32 @@ def test_sweep_2x2_skips_the_finished_run_and_ranks_all_four(tmp_path, cache_dir
     assert changed.returncode == 2 and 'different config' in changed.stderr and len(changed.stderr.strip().splitlines()) == 1, changed.stderr
     assert {p: p.stat().st_mtime_ns for p in sweep_dir.rglob('*') if p.is_file()} == before
     assert f"\n  1. {rows[0]['run']}: " in res.stdout and f"\n  4. {rows[-1]['run']}: " in res.stdout  # the ranking, printed last
+
+
+@pytest.mark.slow
+def test_sweep_point_that_fails_is_retried_and_reported(tmp_path, cache_dir, shakespeare):
+    cfg = tmp_path/'tiny.yaml'
+    cfg.write_text(TINY.format(corpus=shakespeare, steps=300).replace('eval_interval: 100', 'eval_interval: 50'))
+    sweep_dir = tmp_path/'sweep'
+    proc = start([FOUNDRY, 'sweep', cfg, 'training.learning_rate=3e-3', '--sweep-dir', sweep_dir, '--retries', '2',
+                  '--retry-backoff', '0.5'], tmp_path)
+    run = sweep_dir/'learning_rate=3e-3'
+    wait_for_checkpoint(run, 100, proc)
+    # the job's kernel dies, as it does when the machine runs out of memory (SIGKILL: a real crash, no clean-up)
+    kernels = [p for p in psutil.Process(proc.pid).children(recursive=True) if 'ipykernel' in ' '.join(p.cmdline())]
+    assert len(kernels) == 1, [p.cmdline() for p in psutil.Process(proc.pid).children(recursive=True)]
+    kernels[0].send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert 'failed (attempt 1 of 3: JobFailed' in out and 'trying again in 0.5 s, from its last checkpoint' in out, out[-3000:]
+    st = json.loads((run/'state.json').read_text())
+    assert st['status'] == 'completed' and st['step'] == 300 and st['resumed_from'].startswith('step-'), st
+    recs = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in recs if r['type'] == 'eval'] == [50, 100, 150, 200, 250, 300]  # a retry costs the lost steps only
+    attempts = [json.loads(l) for l in (run/'attempts.jsonl').read_text().splitlines()]
+    assert [(a['attempt'], a['ok']) for a in attempts] == [(1, False), (2, True)] and 'kernel died' in attempts[0]['error']
+    row = next(csv.DictReader(open(sweep_dir/'summary.csv')))
+    assert (row['status'], row['failed_attempts'], row['retries']) == ('completed', '1', '1'), row
+    assert '| failed_attempts | retries |' in (sweep_dir/'summary.md').read_text()
+    assert '1 failed attempt(s), 1 retried' in out.splitlines()[-2]
+    assert (run/'train.attempt-1.ipynb').is_file()  # the failed attempt's lab notebook is kept
