@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--wandb-sweep', metavar='FILE', help='write the equivalent W&B sweep config to FILE instead of running')
     _retry_args(s)
     s.set_defaults(func=cmd_sweep)
-    add_model_commands(sub)  # compare, registry, promote (13a_registry_cli)
+    add_model_commands(sub)  # compare, registry, promote (13c_registry_cli)
     return p
 
 # %% ../nbs/14_cli.ipynb #844a8311

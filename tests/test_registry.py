@@ -1,6 +1,6 @@
 """The model lifecycle from a shell, with real runs, a real SQLite registry, real comparisons and W&B offline:
 train -> register (health-checked) -> promote with evidence -> roll back; compare with paired bootstrap intervals."""
-import json, os, shutil
+import json, os, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +175,35 @@ def test_wandb_registry_link_offline(tmp_path, runs):
     assert link[0]['evidence']['target'] == 'wandb-registry-model/tiny' and 'wandb sync' in link[0]['evidence']['status']
     offline = [p for p in wb.rglob('offline-run-*') if p.is_dir()]
     assert len(offline) == 1 and any(offline[0].rglob('*.wandb')), list(wb.rglob('*'))[:20]  # the run to `wandb sync`
+
+
+@pytest.mark.slow
+def test_drift_on_new_data_triggers_retrain_and_promotes_the_better_model(tmp_path, runs):
+    reg = tmp_path/'registry.sqlite'
+    r = ['--registry', reg]
+    assert foundry('promote', runs['good'], '--alias', 'production', *r).returncode == 0  # the cat-and-dog model is in production
+    new = tmp_path/'new'
+    new.mkdir()
+    (new/'numbers.txt').write_text('one two three four five six seven eight nine ten.\n' * 100)  # the world moved on
+    drift = foundry('drift', 'tiny:production', new, '--out', tmp_path/'drift.json', *r)
+    assert drift.returncode == 0 and drift.stdout.startswith('DRIFT: perplexity'), drift.stdout + drift.stderr[-2000:]
+    d = json.loads((tmp_path/'drift.json').read_text())
+    assert d['drifted'] and d['perplexity_ratio'] > 1.5 and d['tokens']['js_divergence'] > 0.1
+
+    # the whole cycle as one papermill job: drift -> retrain -> register -> compare on the new data -> promote
+    out = tmp_path/'retrain.ipynb'
+    res = subprocess.run([str(Path(sys.executable).parent/'papermill'), str(REPO/'jobs'/'retrain.ipynb'), str(out), '-p', 'registry', str(reg),
+                          '-p', 'name', 'tiny', '-p', 'alias', 'production', '-p', 'run_dir', str(tmp_path/'retrained'),
+                          '-y', json.dumps(dict(new_data=[str(new)], steps=60))], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert holder(reg, 'production') == 2 and json.loads((tmp_path/'retrained'/'state.json').read_text())['status'] == 'completed'
+    move = [a for a in audit(reg) if a['alias'] == 'production'][-1]
+    assert move['action'] == 'promote-if-better' and move['evidence']['loss']['high'] < 0 and str(new) in move['evidence']['source']
+    shown = ''.join(''.join(o.get('text', '')) + ''.join(o.get('data', {}).get('text/markdown', ''))
+                    for c in json.loads(out.read_text())['cells'] for o in c.get('outputs', []))
+    assert 'DRIFT: perplexity' in shown and 'registered as v2' in shown and '**tiny:production**: promoted: v2 - v1' in shown, shown[-2000:]
+
+    # the retrained model knows the new data: the same cycle from the shell finds no drift and trains nothing
+    again = foundry('retrain', 'tiny:production', new, '--run-dir', tmp_path/'again', '--steps', '60', *r)
+    assert again.returncode == 0 and 'tiny:production stays v2: nothing to retrain' in again.stdout, again.stdout + again.stderr[-2000:]
+    assert not (tmp_path/'again').exists()
