@@ -678,6 +678,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                           'model_foundry/registry_cli.py'),
                                             'model_foundry.registry_cli._registry_args': ( 'registry_cli.html#_registry_args',
                                                                                            'model_foundry/registry_cli.py'),
+                                            'model_foundry.registry_cli._v': ('registry_cli.html#_v', 'model_foundry/registry_cli.py'),
                                             'model_foundry.registry_cli.add_model_commands': ( 'registry_cli.html#add_model_commands',
                                                                                                'model_foundry/registry_cli.py'),
                                             'model_foundry.registry_cli.cmd_compare': ( 'registry_cli.html#cmd_compare',

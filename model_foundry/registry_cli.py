@@ -42,6 +42,8 @@ def _open(args, source=None):
     cfg = load_config(Path(source)/'config.yaml') if source and (Path(source)/'config.yaml').is_file() else ExperimentConfig()
     return open_registry(cfg, args.registry), cfg
 
+def _v(version) -> str: return 'none' if version is None else f'v{version}'
+
 def _line(v: dict) -> str:
     m = v['metrics']
     loss = f"val_loss {m['val_loss']:.4f}" if 'val_loss' in m else 'val_loss -'
@@ -63,7 +65,7 @@ def cmd_registry(args) -> int:
         name, _, ver = (args.target or '').partition(':')
         if not name: raise ConfigError('registry show NAME[:VERSION|:ALIAS]')
         for v in ([reg.version(name, ver)] if ver else reg.versions(name)): print(_line(v))
-        for a in reg.audit(name): print(f"  {a['time']} {a['action']:<17} {a['alias'] or '':<11} v{a['from_version']} -> v{a['to_version']}"
+        for a in reg.audit(name): print(f"  {a['time']} {a['action']:<17} {a['alias'] or '':<11} {_v(a['from_version'])} -> {_v(a['to_version'])}"
                                         + (f"  {a['evidence'].get('decision') or a['evidence'].get('note') or a['evidence'].get('status') or ''}"))
     elif args.action in ('promote', 'rollback'):
         name, _, ver = (args.target or '').partition(':')
@@ -71,7 +73,7 @@ def cmd_registry(args) -> int:
             raise ConfigError(f"registry {args.action} {'NAME:VERSION' if args.action == 'promote' else 'NAME'} --alias ALIAS")
         row = (reg.promote(name, int(ver) if ver.isdigit() else reg.version(name, ver)['version'], args.alias, dict(note=args.note or 'by hand'))
                if args.action == 'promote' else reg.rollback(name, args.alias, dict(note=args.note or 'by hand')))
-        print(f"{name}:{args.alias} v{row['from_version']} -> v{row['to_version']} ({args.action}; audit #{row['id']})")
+        print(f"{name}:{args.alias} {_v(row['from_version'])} -> {_v(row['to_version'])} ({args.action}; audit #{row['id']})")
         if cfg.registry.wandb and row['to_version'] is not None: link_to_wandb(reg, reg.version(name, row['to_version']), cfg, [args.alias])
     return 0
 
@@ -103,7 +105,7 @@ def cmd_promote(args) -> int:
         print(f"{rec['name']}:{args.alias}: {row['evidence']['decision']}" + (f"\nreport: {row['evidence']['report']}" if 'report' in row['evidence'] else ''))
     else:
         row = reg.promote(rec['name'], rec['version'], args.alias, dict(note=args.note or 'promoted without a comparison (no --if-better)'))
-        print(f"{rec['name']}:{args.alias} v{row['from_version']} -> v{row['to_version']}")
+        print(f"{rec['name']}:{args.alias} {_v(row['from_version'])} -> {_v(row['to_version'])}")
     if cfg.registry.wandb and row['to_version'] == rec['version']: link_to_wandb(reg, rec, cfg, [args.alias])
     return 0
 
