@@ -33,8 +33,9 @@ def _link_or_copy(src: Path, dst: Path):
 
 class LocalRegistry:
     "Model versions, aliases and the audit log of alias moves in one SQLite file (`path`); models stored beside it."
-    def __init__(self, path):
+    def __init__(self, path, create: bool = True):
         self.path = Path(path)
+        if not create and not self.path.is_file(): raise ConfigError(f'no registry at {self.path}: `foundry registry register RUN` starts one')
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._db() as db: db.executescript(SCHEMA)
 
@@ -189,9 +190,9 @@ def require_healthy(h: dict):
     raise HealthCheckFailed(f"health check of {h['model']} failed: {c['check']} ({how}); not registered")
 
 # %% ../nbs/12d_registry.ipynb #70442f67
-def open_registry(cfg: ExperimentConfig, path=None) -> LocalRegistry:
-    "The registry of `cfg` (`registry.path`, else registry.sqlite under `logging.dir`), or the one at `path`."
-    return LocalRegistry(path or cfg.registry.path or Path(cfg.logging.dir)/'registry.sqlite')
+def open_registry(cfg: ExperimentConfig, path=None, create: bool = True) -> LocalRegistry:
+    "The registry of `cfg` (`registry.path`, else registry.sqlite under `logging.dir`), or the one at `path`; made if `create`."
+    return LocalRegistry(path or cfg.registry.path or Path(cfg.logging.dir)/'registry.sqlite', create)
 
 def register_run(source, name: Optional[str] = None, path=None, cfg: Optional[ExperimentConfig] = None) -> dict:
     "Health-check and register `source` (a run, or a model directory with `name`); the version's record."

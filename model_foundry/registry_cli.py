@@ -36,11 +36,11 @@ def _compare_args(s):
     s.set_defaults(func=cmd_compare)
 
 # %% ../nbs/13c_registry_cli.ipynb #352c55a7
-def _open(args, source=None):
-    "The registry of the command (`--registry`, the config of run `source`, or the default) and that config."
+def _open(args, source=None, create: bool = False):
+    "The registry of the command (`--registry`, the config of run `source`, or the default; made only if `create`) and that config."
     from model_foundry.registry import open_registry
     cfg = load_config(Path(source)/'config.yaml') if source and (Path(source)/'config.yaml').is_file() else ExperimentConfig()
-    return open_registry(cfg, args.registry), cfg
+    return open_registry(cfg, args.registry, create), cfg
 
 def _v(version) -> str: return 'none' if version is None else f'v{version}'
 
@@ -53,7 +53,7 @@ def cmd_registry(args) -> int:
     "foundry registry list|show|register|promote|rollback."
     from model_foundry.registry import link_to_wandb, register_run
     if args.action == 'register':
-        reg, cfg = _open(args, args.target)
+        reg, cfg = _open(args, args.target, create=True)
         rec = register_run(args.target, args.name, reg.path, cfg)
         print(f"registered {_line(rec)}\nhealth: " + '; '.join(f"{c['check']} ok" for c in rec['health']['checks']))
         return 0
@@ -91,7 +91,7 @@ def cmd_promote(args) -> int:
     "foundry promote CANDIDATE --alias A [--if-better --min-delta D]."
     from model_foundry.registry import link_to_wandb, promote_if_better, register_run
     if (Path(args.candidate)/'config.yaml').is_file():  # a run: registered now (health check first)
-        reg, cfg = _open(args, args.candidate)
+        reg, cfg = _open(args, args.candidate, create=True)
         rec = register_run(args.candidate, args.name, reg.path, cfg)
         print(f"registered {_line(rec)}")
     else:

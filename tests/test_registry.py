@@ -86,6 +86,8 @@ def test_model_lifecycle_train_register_export_health_check(tmp_path, runs):
     assert gen.returncode == 0 and gen.stdout.startswith('the'), gen.stderr[-2000:]
     listed = foundry('registry', 'list', '--registry', reg)
     assert listed.returncode == 0 and listed.stdout.startswith('tiny v1  [latest]  val_loss'), listed.stdout
+    missing = foundry('registry', 'list', '--registry', tmp_path/'typo.sqlite')  # a wrong path is said, not created
+    assert missing.returncode == 2 and 'no registry at' in missing.stderr and not (tmp_path/'typo.sqlite').exists()
 
 
 @pytest.mark.slow
