@@ -203,9 +203,9 @@ def register_run(source, name: Optional[str] = None, path=None, cfg: Optional[Ex
     h = health_check(source, cfg.registry)
     require_healthy(h)
     st = run.read_state() if run.config.is_file() else {}
+    metrics = {**{k: st[k] for k in ('best_val_loss', 'best_step', 'step') if st.get(k) is not None}, **h['metrics']}  # the run's own, and the check's
     reg = open_registry(cfg, path)
-    rec = reg.register(name, Path(h['model']), Path(source).resolve(), st.get('config_hash'), h['metrics'], h)
-    log.info(f"registered {name} v{rec['version']} from {source}")
+    rec = reg.register(name, Path(h['model']), Path(source).resolve(), st.get('config_hash'), metrics, h)
     if cfg.registry.wandb: link_to_wandb(reg, rec, cfg, ['latest'])
     return rec
 

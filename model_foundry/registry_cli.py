@@ -46,7 +46,8 @@ def _v(version) -> str: return 'none' if version is None else f'v{version}'
 
 def _line(v: dict) -> str:
     m = v['metrics']
-    loss = f"val_loss {m['val_loss']:.4f}" if 'val_loss' in m else 'val_loss -'
+    loss = (f"val_loss {m['val_loss']:.4f}" if 'val_loss' in m else f"best val_loss {m['best_val_loss']:.4f}" if 'best_val_loss' in m
+            else 'val_loss -')
     return f"{v['name']} v{v['version']}  [{', '.join(v['aliases'])}]  {loss}  from {v['source']}  {v['created']}"
 
 def cmd_registry(args) -> int:

@@ -76,7 +76,7 @@ def test_model_lifecycle_train_register_export_health_check(tmp_path, runs):
     reg = tmp_path/'reg'/'registry.sqlite'
     res = foundry('registry', 'register', run, '--registry', reg)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert 'registered tiny v1  [latest]  val_loss' in res.stdout and 'loads with AutoModelForCausalLM and AutoTokenizer ok; generates ok' in res.stdout
+    assert 'registered tiny v1  [latest]  best val_loss' in res.stdout and 'loads with AutoModelForCausalLM and AutoTokenizer ok; generates ok' in res.stdout
     shutil.rmtree(run)  # the registered model is the registry's own copy: deleting the run loses nothing
     model_dir = reg.parent/'models'/'tiny'/'v1'
     model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)  # plain Auto classes
@@ -85,7 +85,7 @@ def test_model_lifecycle_train_register_export_health_check(tmp_path, runs):
     gen = foundry('generate', model_dir, '--prompt', 'the', '--max-new-tokens', '5', '--temperature', '0')
     assert gen.returncode == 0 and gen.stdout.startswith('the'), gen.stderr[-2000:]
     listed = foundry('registry', 'list', '--registry', reg)
-    assert listed.returncode == 0 and listed.stdout.startswith('tiny v1  [latest]  val_loss'), listed.stdout
+    assert listed.returncode == 0 and listed.stdout.startswith('tiny v1  [latest]  best val_loss'), listed.stdout
     missing = foundry('registry', 'list', '--registry', tmp_path/'typo.sqlite')  # a wrong path is said, not created
     assert missing.returncode == 2 and 'no registry at' in missing.stderr and not (tmp_path/'typo.sqlite').exists()
 
