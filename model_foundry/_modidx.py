@@ -642,6 +642,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                       'model_foundry/registry.py'),
                                         'model_foundry.registry._link_or_copy': ( 'registry.html#_link_or_copy',
                                                                                   'model_foundry/registry.py'),
+                                        'model_foundry.registry._log': ('registry.html#_log', 'model_foundry/registry.py'),
                                         'model_foundry.registry._move': ('registry.html#_move', 'model_foundry/registry.py'),
                                         'model_foundry.registry._now': ('registry.html#_now', 'model_foundry/registry.py'),
                                         'model_foundry.registry._row': ('registry.html#_row', 'model_foundry/registry.py'),

@@ -106,6 +106,10 @@ def _move(db, name: str, alias: str, to: Optional[int], action: str, evidence: d
     was = r['version'] if r else None
     if to is None: db.execute('DELETE FROM aliases WHERE name = ? AND alias = ?', (name, alias))
     else: db.execute('INSERT INTO aliases VALUES (?, ?, ?) ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version', (name, alias, to))
+    return _log(db, name, alias, action, was, to, evidence, undoes)
+
+def _log(db, name: str, alias: Optional[str], action: str, was: Optional[int], to: Optional[int], evidence: dict, undoes: Optional[int] = None) -> int:
+    "Append one row to the audit log, inside the caller's transaction; its id."
     return db.execute('INSERT INTO audit (time, name, alias, action, from_version, to_version, undoes, evidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
                       (_now(), name, alias, action, was, to, undoes, json.dumps(evidence))).lastrowid
 
@@ -166,7 +170,7 @@ def health_check(source, reg: RegistryConfig) -> dict:
     check('generates', len(g.token_ids) == 8, len(g.token_ids), 8)
     suite = load_suite(reg.suite) if reg.suite else None
     if reg.max_val_loss is not None:
-        if d == RunDir(source).root: check('registry.max_val_loss', False, 'a model directory has no validation split: register its run', reg.max_val_loss)
+        if not RunDir(source).config.is_file(): check('registry.max_val_loss', False, 'a model directory has no validation split: register its run', reg.max_val_loss)
         else:
             r = evaluate_run(source, suites=[reg.suite] if suite else [])
             metrics['val_loss'] = r['validation']['val_loss']
@@ -254,8 +258,6 @@ def link_to_wandb(reg: LocalRegistry, rec: dict, cfg: ExperimentConfig, aliases=
         except NotImplementedError: status = f'pending: an offline W&B run cannot link to a registry; `wandb sync {wrun.dir}` then link it to {target}'
     finally: wrun.finish()
     with reg._db(write=True) as db:
-        for a in aliases or [None]:
-            db.execute('INSERT INTO audit (time, name, alias, action, from_version, to_version, undoes, evidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
-                       (_now(), name, a, 'wandb-link', v, v, None, json.dumps(dict(status=status, target=target, wandb_run=wrun.id))))
+        for a in aliases or [None]: _log(db, name, a, 'wandb-link', v, v, dict(status=status, target=target, wandb_run=wrun.id))
     log.info(f'W&B Registry: {name} v{v} {status}')
     return dict(status=status, target=target, run_dir=str(Path(wrun.dir).parent))

@@ -138,7 +138,9 @@ def cmd_drift(args) -> int:
     model, base = _model_and_baseline(args)
     d = measure_drift(model, args.new_data, args.threshold, base)
     print(drift_line(d))
-    if args.out: print(f"report: {Path(args.out).write_text(json.dumps(d, indent=1)) and args.out}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(d, indent=1))
+        print(f'report: {args.out}')
     return 0
 
 def cmd_retrain(args) -> int:
