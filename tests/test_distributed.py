@@ -83,7 +83,9 @@ def launch(cfg, run, nproc, **extra):
 
 
 def train_records(run) -> list[dict]:
-    return [r for r in map(json.loads, (Path(run)/'metrics.jsonl').read_text().splitlines()) if r['type'] == 'train']
+    "The train records of a run's metrics.jsonl; read while the run writes it, so a line not yet ended by its newline is not read."
+    text = (Path(run)/'metrics.jsonl').read_text()
+    return [r for r in map(json.loads, text.split('\n')[:-1]) if r['type'] == 'train']
 
 
 def ledger_samples(run) -> tuple[list[int], list[int]]:

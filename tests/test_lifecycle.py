@@ -51,7 +51,7 @@ def write_config(tmp_path, corpus, name='c.yaml', batch=8, ctx=32, width=64, ste
 
 def records(run, kind=None):
     f = Path(run)/'metrics.jsonl'
-    recs = [json.loads(l) for l in f.read_text().splitlines() if l.endswith('}')] if f.is_file() else []
+    recs = [json.loads(l) for l in f.read_text().split('\n')[:-1]] if f.is_file() else []  # the last piece: a line being written
     return [r for r in recs if kind is None or r['type'] == kind]
 
 
