@@ -184,6 +184,7 @@ class TrainingConfig(Section):
     compile_mode: Optional[Literal['default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs']] = None  # torch.compile's mode
     attention: Literal['auto', 'eager', 'sdpa', 'flash_attention_2'] = 'auto'  # auto: sdpa; unavailable choices fall back, saying so
     tf32: bool = True                                   # CUDA fp32 matmuls on TF32 tensor cores (Ampere and later)
+    lean_forward: bool = True                           # GPT-2 from scratch: the same forward without transformers' call machinery
 
     @property
     def min_lr(self) -> float:
@@ -388,7 +389,7 @@ def resolve_config(cfg: ExperimentConfig, train_blocks: int, vocab_size: int) ->
     return c
 
 # %% ../nbs/00_config.ipynb #ce55dd64
-COMPUTE_ONLY = {'gradient_checkpointing', 'compile', 'compile_backend', 'compile_mode', 'attention', 'tf32'}  # how, not what, is trained
+COMPUTE_ONLY = {'gradient_checkpointing', 'compile', 'compile_backend', 'compile_mode', 'attention', 'tf32', 'lean_forward'}  # how, not what, is trained
 
 def config_hash(cfg: ExperimentConfig) -> str:
     "A short, stable hash of everything in `cfg` that affects what is trained (logging, registry, `COMPUTE_ONLY`, the schema version excluded)."

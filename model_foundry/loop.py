@@ -70,10 +70,11 @@ class Learner:
     "Runs `train_steps` optimizer steps of `model` on `dls`, evaluating every `eval_every`, calling `cbs` at each event."
     def __init__(self, model, dls, optimizer, scheduler=None, *, train_steps: int, eval_every: Optional[int] = None,
                  grad_accum: int = 1, max_grad_norm: Optional[float] = None, device: torch.device | str = 'cpu',
-                 precision: str = 'fp32', cbs=(), dist: Dist = SINGLE, ddp=None, compiled=None):
+                 precision: str = 'fp32', cbs=(), dist: Dist = SINGLE, ddp=None, forward=None):
         self.model, self.dls, self.opt, self.sched = model, dls, optimizer, scheduler
+        self.params = list(model.parameters())  # clipped each step: listed once, not walked through the modules every step
         self.dist, self.ddp = dist, ddp  # this process's rank; `model` wrapped in DistributedDataParallel when there are several
-        self.compiled = compiled  # torch.compile of `ddp or model` for the training forward; everything else uses `model`
+        self.forward = forward  # the training forward when it is not `ddp or model` (lean, compiled); all else uses `model`
         self.train_steps, self.eval_every, self.grad_accum, self.max_grad_norm = train_steps, eval_every, grad_accum, max_grad_norm
         self.device, self.precision = torch.device(device), precision
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == 'fp16' else None  # fp16 needs loss scaling
@@ -158,7 +159,7 @@ def _accumulate(learn: Learner) -> torch.Tensor:
     batches = [learn.dls.train.batch(a, n) for a, n in learn.batched]
     counts = [int((b[1] != IGNORE).sum()) for b in batches]  # each micro-batch weighs what it counts: the step's mean is exact
     counted = all_sum(d, [sum(counts)])[0]  # over every rank's micro-batches
-    model = next(m for m in (learn.compiled, learn.ddp, learn.model) if m is not None)  # (a compiled module has no truth value)
+    model = next(m for m in (learn.forward, learn.ddp, learn.model) if m is not None)  # (a compiled module has no truth value)
     for i, (b, n) in enumerate(zip(batches, counts)):
         check_stop(learn)
         last = i == len(batches) - 1  # DDP averages gradients over the ranks once, in the last micro-batch's backward
@@ -204,7 +205,7 @@ def update(learn: Learner, loss: Optional[torch.Tensor] = None):
     "Clip, let callbacks veto (`before_opt_step`), step the optimizer (unless vetoed) and the schedule; `loss`: the step's, read with the norm."
     s = learn.state
     if learn.scaler: learn.scaler.unscale_(learn.opt)
-    norm = torch.nn.utils.clip_grad_norm_(learn.model.parameters(), learn.max_grad_norm or math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(learn.params, learn.max_grad_norm or math.inf)
     if loss is not None and learn.dist.active: loss = all_sum_tensor(learn.dist, loss) / learn.dist.world
     if loss is None: s.grad_norm = norm.item()
     else: s.loss, s.grad_norm = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()
@@ -262,7 +263,7 @@ def one_step(learn: Learner):
     start, rng = s.samples_seen, capture_rng()
     s.improved = s.skip_step = False
     learn('before_step')
-    learn.model.train()
+    if not learn.model.training: learn.model.train()  # (evaluation puts the whole model back as it found it)
     try:
         with abortable(learn):
             loss = backward(learn)

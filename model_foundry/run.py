@@ -24,7 +24,7 @@ from .config import ConfigError, ExperimentConfig, check_version, config_hash, l
 from .data import PreparedData
 from .finetune import finetune_model, format_report, max_logit_difference, merged_model, parameter_report
 from .samples import DataLoaders, prepare_data, split_blocks
-from .compute import compile_for_training, cuda_settings, enable_gradient_checkpointing, set_attention
+from .compute import compile_for_training, cuda_settings, enable_gradient_checkpointing, lean_forward, set_attention
 from .distributed import SINGLE, Dist, barrier, broadcast_from_main, init_distributed
 from .lifecycle import EarlyStopping, NonFiniteGuard, Preemption, SampleLedger
 from .loop import CheckpointCallback, Learner, MetricsLogger, ProgressBar, TrainingError, make_optimizer, make_scheduler, resume
@@ -297,6 +297,9 @@ def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, pr
                    compile=' '.join(filter(None, (t.compile_backend, t.compile_mode))) if t.compile else None)
     if t.gradient_checkpointing: enable_gradient_checkpointing(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) if dist.active else None
+    lean = lean_forward(model)[0] if t.lean_forward and ddp is None else None  # (DDP syncs gradients from its own forward)
+    compute['lean_forward'] = lean is not None
+    forward = lean if lean is not None else model if ddp is None else ddp
     if dist.rank: seed_rank(0, dist.rank)  # the model is rank 0's (DDP broadcast it); dropout draws differ per rank
     opt = make_optimizer(model, t, device)
     cbs = [CheckpointCallback(run.checkpoints, t.checkpoint_interval, t.keep_checkpoints, t.log_spaced_checkpoints,
@@ -310,7 +313,7 @@ def build_learner(cfg: ExperimentConfig, prepared: PreparedData, run: RunDir, pr
     learn = Learner(model, DataLoaders.from_config(prepared, cfg.data, cfg.random_seed, t.eval_batches), opt, make_scheduler(opt, t),
                    train_steps=t.train_steps, eval_every=t.eval_interval, grad_accum=t.gradient_accumulation_steps,
                    max_grad_norm=t.max_grad_norm, device=device, precision=precision, cbs=cbs, dist=dist, ddp=ddp,
-                   compiled=compile_for_training(model if ddp is None else ddp, t.compile_backend, t.compile_mode) if t.compile else None)
+                   forward=compile_for_training(forward, t.compile_backend, t.compile_mode) if t.compile else lean)
     learn.compute = compute
     return learn
 
@@ -324,7 +327,7 @@ def start(run: RunDir, learn: Learner, cfg: ExperimentConfig, train_blocks: int,
           f'{learn.micro_batch_size} per step)' if learn.dist.active else learn.device)
     c = getattr(learn, 'compute', {})
     how = ', '.join([f"{c['attention']} attention"] * bool(c.get('attention')) + ['gradient checkpointing'] * bool(c.get('gradient_checkpointing'))
-                    + [f"compiled ({c['compile']})"] * bool(c.get('compile')))
+                    + ['lean forward'] * bool(c.get('lean_forward')) + [f"compiled ({c['compile']})"] * bool(c.get('compile')))
     if ckpt is not None: log.info(f"resuming {run.root} from {ckpt.name}: continuing at step {learn.state.step + 1} of {learn.train_steps} on {on}")
     else: log.info(f"training {params['trainable']:,} of {params['total']:,} parameters ({cfg.finetune.method if cfg.model.init == 'pretrained' else 'from scratch'}) "
                    f"for {learn.train_steps} steps on {on} ({', '.join([learn.precision] + [how] * bool(how))}); {train_blocks:,} train blocks of "

@@ -144,3 +144,24 @@ def test_a_run_resumes_with_its_micro_batch_changed_when_the_effective_batch_is_
     assert recs[3]['samples'] == [[36, 38], [38, 40], [40, 42], [42, 44], [44, 46], [46, 48]] and recs[4]['samples'] == [[48, 60]]
     other = tuned.model_copy(update=dict(data=tuned.data.model_copy(update=dict(batch_size=6))))  # 6 x 1: another effective batch
     with pytest.raises(ConfigError, match='was started with a different config'): train(other, tmp_path/'run', progress=False)
+
+
+@pytest.mark.slow
+def test_lean_forward_trains_the_same_run_bit_for_bit_and_says_where_it_is_not_used(tmp_path, cache_dir, caplog):
+    "training.lean_forward (on by default) computes GPT-2's training forward without transformers' call machinery: same losses, same weights."
+    from safetensors.torch import load_file
+    with caplog.at_level('INFO', logger='model_foundry'):
+        _, state, lean = _train(tmp_path, 'lean')
+    assert state['status'] == 'completed' and 'lean forward' in caplog.text
+    caplog.clear()
+    with caplog.at_level('INFO', logger='model_foundry'):
+        _, _, plain = _train(tmp_path, 'model', lean_forward=False)
+    assert 'lean forward' not in caplog.text
+    assert lean == plain and len(lean) == 8  # bit for bit: the same operations in the same order
+    a, b = load_file(tmp_path/'lean'/'final'/'model.safetensors'), load_file(tmp_path/'model'/'final'/'model.safetensors')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # gradient checkpointing (a compute option the lean forward does not have): the model's own forward, nothing said about lean
+    caplog.clear()
+    with caplog.at_level('INFO', logger='model_foundry'):
+        _train(tmp_path, 'checkpointed', gradient_checkpointing=True)
+    assert 'gradient checkpointing' in caplog.text and 'lean forward' not in caplog.text
