@@ -73,8 +73,9 @@ def lean_forward(model) -> tuple[Optional[LeanGPT2], Optional[str]]:
     "The lean training forward of `model` where it computes the same function, else None and why not."
     c = getattr(model, 'config', None)
     if type(model).__name__ != 'GPT2LMHeadModel' or c is None: return None, 'not a GPT-2 language model'
+    recomputes = getattr(model, 'is_activation_checkpointing' if hasattr(type(model), 'is_activation_checkpointing') else 'is_gradient_checkpointing')
     why = ('dropout' if max(c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) > 0 else
-           'gradient checkpointing' if getattr(model, 'is_activation_checkpointing', None) or model.is_gradient_checkpointing else
+           'gradient checkpointing' if recomputes else
            f'{c._attn_implementation} attention' if c._attn_implementation != 'sdpa' else
            'a rescaled or upcast attention' if c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn else None)
     if why is None and not all(_transformers_layer(b.attn.c_attn, 'Conv1D') and _transformers_layer(b.attn.c_proj, 'Conv1D')
