@@ -617,6 +617,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'model_foundry.loop.restore': ('loop.html#restore', 'model_foundry/loop.py'),
                                     'model_foundry.loop.restore_newest': ('loop.html#restore_newest', 'model_foundry/loop.py'),
                                     'model_foundry.loop.resume': ('loop.html#resume', 'model_foundry/loop.py'),
+                                    'model_foundry.loop.training_forward': ('loop.html#training_forward', 'model_foundry/loop.py'),
                                     'model_foundry.loop.truncate_metrics': ('loop.html#truncate_metrics', 'model_foundry/loop.py'),
                                     'model_foundry.loop.update': ('loop.html#update', 'model_foundry/loop.py')},
             'model_foundry.model': { 'model_foundry.model.autocast_for': ('model.html#autocast_for', 'model_foundry/model.py'),

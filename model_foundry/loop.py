@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['ORDERS', 'EVENTS', 'param_groups', 'make_optimizer', 'WarmupCosine', 'make_scheduler', 'TrainingError', 'Callback',
-           'Learner', 'Interrupted', 'abortable', 'check_stop', 'heard_by_all', 'backward', 'update', 'evaluate',
-           'eval_due', 'eval_phase', 'one_step', 'fit', 'memory_stats', 'MetricsLogger', 'ProgressBar',
-           'log_spaced_steps', 'CheckpointCallback', 'restore', 'restore_newest', 'truncate_metrics', 'resume']
+           'Learner', 'Interrupted', 'abortable', 'check_stop', 'heard_by_all', 'training_forward', 'backward',
+           'update', 'evaluate', 'eval_due', 'eval_phase', 'one_step', 'fit', 'memory_stats', 'MetricsLogger',
+           'ProgressBar', 'log_spaced_steps', 'CheckpointCallback', 'restore', 'restore_newest', 'truncate_metrics',
+           'resume']
 
 # %% ../nbs/05_loop.ipynb #ad09e028
 import contextlib, dataclasses, gc, json, math, resource, signal, sys, time
@@ -151,6 +152,10 @@ def heard_by_all(learn: Learner):
 def _is_cpu_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
+def training_forward(learn: Learner):
+    "What a training step calls: the lean or compiled forward, else the DDP wrapper, else the model."
+    return next(m for m in (learn.forward, learn.ddp, learn.model) if m is not None)  # (a compiled module has no truth value)
+
 def _accumulate(learn: Learner) -> torch.Tensor:
     "Forward and backward over this rank's micro-batches of the step; this rank's part of the step's mean loss (a tensor)."
     mbs, total, s, d = learn.micro_batch_size, torch.zeros((), device=learn.device), learn.state, learn.dist
@@ -159,7 +164,7 @@ def _accumulate(learn: Learner) -> torch.Tensor:
     batches = [learn.dls.train.batch(a, n) for a, n in learn.batched]
     counts = [int((b[1] != IGNORE).sum()) for b in batches]  # each micro-batch weighs what it counts: the step's mean is exact
     counted = all_sum(d, [sum(counts)])[0]  # over every rank's micro-batches
-    model = next(m for m in (learn.forward, learn.ddp, learn.model) if m is not None)  # (a compiled module has no truth value)
+    model = training_forward(learn)
     for i, (b, n) in enumerate(zip(batches, counts)):
         check_stop(learn)
         last = i == len(batches) - 1  # DDP averages gradients over the ranks once, in the last micro-batch's backward

@@ -17,7 +17,7 @@ from .config import ExperimentConfig, log, read_yaml, write_atomic
 from .data import PreparedData
 from .distributed import share_micro_batch
 from .evaluation import lm_loss
-from .loop import TrainingError, one_step
+from .loop import TrainingError, one_step, training_forward
 from .model import autocast_for
 from .plan import Plan, available_memory, check_plan, estimate, format_plan
 from .run import RunDir, build_learner, default_run_dir, plan_run
@@ -70,10 +70,10 @@ def _oom(e: BaseException) -> bool:
 def step_fits(learn, m: int, budget: Optional[int] = None, estimate_of: Optional[Callable[[int], int]] = None) -> bool:
     "Whether a forward, backward and optimizer step of `m` samples runs without running out of memory (and within `budget` bytes by estimate)."
     if budget is not None and estimate_of is not None and estimate_of(m) > budget: return False
-    model = learn.model.train()  # as training runs it (a pretrained model loads in eval mode: no gradient checkpointing there)
+    learn.model.train()  # as training runs it (a pretrained model loads in eval mode: no gradient checkpointing there)
     try:
         x, y, *pos = (t.to(learn.device) for t in learn.dls.train.batch(0, m))
-        with autocast_for(learn.device, learn.precision): loss = lm_loss(model, x, y, *pos)
+        with autocast_for(learn.device, learn.precision): loss = lm_loss(training_forward(learn), x, y, *pos)  # the step's own forward
         loss.backward(); learn.opt.step()
         if learn.device.type == 'cuda': torch.cuda.synchronize(learn.device)
         return True

@@ -90,24 +90,25 @@ def test_a_run_with_gradient_checkpointing_trains_as_one_without(tmp_path, cache
 
 def test_batch_size_finder_backs_off_on_out_of_memory(tmp_path, cache_dir):
     """The real search over real steps of a real learner; out of memory is injected (a CPU cannot raise it on demand: its
-    kernel kills instead) by a forward hook that raises torch.OutOfMemoryError, as CUDA does, above 12 samples."""
+    kernel kills instead) around the training forward: it raises torch.OutOfMemoryError, as CUDA does, above 12 samples."""
     from model_foundry.fixtures import tiny_prepared
+    from model_foundry.loop import training_forward
     from model_foundry.run import RunDir, build_learner
     from model_foundry.validate import search_micro_batch, step_fits
     cfg = tiny_config(tmp_path, data=dict(batch_size=4), training=dict(train_steps=4, gradient_accumulation_steps=12))
     learn = build_learner(cfg, tiny_prepared(cfg), RunDir(tmp_path/'run'), progress=False)
-    def oom_above_12(module, args, kwargs):
-        if (kwargs.get('input_ids') if 'input_ids' in kwargs else args[0]).shape[0] > 12:
-            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB (injected)')
-    hook = learn.model.register_forward_pre_hook(oom_above_12, with_kwargs=True)
+    forward = training_forward(learn)
+    def oom_above_12(**kw):
+        if kw['input_ids'].shape[0] > 12: raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB (injected)')
+        return forward(**kw)
+    learn.forward = oom_above_12
     before = [p.detach().clone() for p in learn.model.parameters()]
     best, trials = search_micro_batch(lambda m: step_fits(learn, m), limit=48)
     assert (best, trials) == (12, [(1, True), (2, True), (4, True), (8, True), (16, False), (12, True), (14, False), (13, False)])
     assert all(p.grad is None for p in learn.model.parameters())  # a failed trial leaves no gradients behind
     assert any(not torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))  # the trials that fit really stepped
-    hook.remove()
-    def boom(module, args): raise RuntimeError('boom')
-    learn.model.register_forward_pre_hook(boom)
+    def boom(**kw): raise RuntimeError('boom')
+    learn.forward = boom
     with pytest.raises(RuntimeError, match='boom'): step_fits(learn, 2)  # anything but out of memory is not swallowed
 
 

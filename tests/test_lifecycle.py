@@ -12,7 +12,7 @@ from conftest import foundry, start_train, wait_until
 from model_foundry.checkpointing import list_checkpoints, read_trainer_state
 from model_foundry.config import load_config
 from model_foundry.fixtures import DegradeAfter, InjectNaN, StopAfter
-from model_foundry.loop import Callback, TrainingError
+from model_foundry.loop import Callback, TrainingError, training_forward
 from model_foundry.run import train
 
 TINY = """
@@ -270,12 +270,12 @@ def test_nan_loss_step_is_skipped_and_counted(tmp_path, cache_dir, shakespeare):
 class OOMOnce(Callback):
     "Test-only fault: the model raises torch.OutOfMemoryError on its first large micro-batch (no GPU here to run out of)."
     def before_fit(self):
-        model, learn = self.learn.model, self.learn
-        forward = model.forward
+        learn = self.learn
+        forward = training_forward(learn)  # what the step calls (GPT-2's lean forward here)
         def flaky(*a, **kw):
             if learn.micro_batch_size > 4: raise torch.OutOfMemoryError('CUDA out of memory (injected)')
             return forward(*a, **kw)
-        model.forward = flaky
+        learn.forward = flaky
 
 
 @pytest.mark.slow
@@ -297,7 +297,7 @@ class CPUAllocatorFails(Callback):
     "Test-only fault: the CPU allocator's own error, raised from the model call (we cannot exhaust 24 GiB on demand)."
     def before_fit(self):
         def fail(*a, **kw): raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
-        self.learn.model.forward = fail
+        self.learn.forward = fail  # what the step calls
 
 
 @pytest.mark.slow
