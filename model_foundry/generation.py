@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .compute import as_op
 from .config import log
 
 # %% ../nbs/08_generation.ipynb #985261ab
@@ -77,23 +78,13 @@ def _lean_mask(seen: Optional[torch.Tensor], start: int, T: int) -> Optional[tor
     itself = torch.zeros(T, S, dtype=torch.bool, device=seen.device); itself[:, start:].fill_diagonal_(True)
     return (seen[:, None, None, :S] & causal) | itself
 
-def _plain(m) -> Callable:
-    "`m` as a function of its input: a GPT-2 `Conv1D` or a `LayerNorm` without nn.Module's call machinery (same ops); others as they are."
-    if type(m).__name__ == 'Conv1D' and type(m).__module__.startswith('transformers.'):
-        w, bias, nf = m.weight, m.bias, m.nf
-        return lambda x: torch.addmm(bias, x.view(-1, x.size(-1)), w).view(*x.shape[:-1], nf)
-    if type(m) is torch.nn.LayerNorm:
-        shape, w, bias, eps = m.normalized_shape, m.weight, m.bias, m.eps
-        return lambda x: F.layer_norm(x, shape, w, bias, eps)
-    return m  # a LoRA layer, a quantized one: called as the model calls it
-
 def lean_gpt2_step(model, rows: int = 1) -> Optional[Callable]:
     "A KV-cached forward `step(new_ids, start, pos=None, seen=None) -> last logits (rows, vocab)` for transformers' GPT-2, or None."
     c = model.config
     if c.model_type != 'gpt2' or c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn: return None
     t, H, C, ctx = model.transformer, c.n_head, c.n_embd, c.n_positions
     D, w = C // H, t.wte.weight
-    blocks = [tuple(map(_plain, (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.c_proj))) + (b.mlp.act,) for b in t.h]
+    blocks = [tuple(map(as_op, (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.c_proj))) + (b.mlp.act,) for b in t.h]
     K = torch.zeros(len(t.h), rows, H, ctx, D, dtype=w.dtype, device=w.device)
     V = torch.zeros_like(K)
 
