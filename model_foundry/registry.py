@@ -217,7 +217,7 @@ def register_run(source, name: Optional[str] = None, path=None, cfg: Optional[Ex
 def promote_if_better(reg: LocalRegistry, name: str, candidate, alias: str, min_delta: float = 0.0, texts=(), suites=(),
                       samples: int = 2000, seed: int = 0) -> dict:
     "Move `alias` of `name` to version `candidate` only if it beats the holder's loss by more than `min_delta` (95% interval); the decision."
-    from model_foundry.compare import compare, write_comparison
+    from model_foundry.compare import LOSS_RESOLUTION, compare, write_comparison
     cand = reg.version(name, candidate)
     cur = reg.holder(name, alias)
     if cur is None:
@@ -229,7 +229,7 @@ def promote_if_better(reg: LocalRegistry, name: str, candidate, alias: str, min_
     if not texts and data_from is None: raise ConfigError(f"the runs of {name} v{cur} and v{cand['version']} are gone: give the documents to compare on (--text)")
     c = compare(held['path'], cand['path'], texts, suites, samples, seed, data_from=data_from)
     out = write_comparison(c, reg.path.parent/'comparisons'/f"{name}-{alias}-v{cur}-v{cand['version']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    L, promoted = c['loss'], c['loss']['high'] < -min_delta
+    L, promoted = c['loss'], c['loss']['high'] < -max(min_delta, LOSS_RESOLUTION)  # float rounding is no improvement
     evidence = dict(decision=('promoted' if promoted else 'kept') + f": v{cand['version']} - v{cur} {L['mean']:+.4f} {c['unit']}, "
                     f"{L['level']:.0%} CI [{L['low']:+.4f}, {L['high']:+.4f}] over {c['documents']} documents; needed below {-min_delta:+.4f}",
                     min_delta=min_delta, holder=cur, candidate=cand['version'], unit=c['unit'], documents=c['documents'], source=c['source'],

@@ -55,3 +55,31 @@ def wait_until(cond, timeout=120, every=0.0005) -> bool:
         if cond(): return True
         time.sleep(every)
     return False
+
+
+def model_tensors(path) -> dict:
+    "The tensors of a checkpoint or a saved model (model.safetensors); tied embeddings under one name (each format keeps a different one)."
+    from safetensors.torch import load_file
+    w = load_file(str(Path(path)/'model.safetensors'))
+    if 'lm_head.weight' in w and 'transformer.wte.weight' not in w: w['transformer.wte.weight'] = w.pop('lm_head.weight')
+    return w
+
+
+def assert_resumed_as_one_go(resumed, one_go, fixture_ck, one_go_ck, tol=1e-4) -> str:
+    """A run resumed from a committed fixture's checkpoint `fixture_ck` ends as today's code trained in one go (`one_go`):
+    bit for bit where this CPU rounds as the fixture's did (today's run reproduced `fixture_ck` exactly, as `one_go_ck`), else
+    within `tol`. Kernels for other vector instructions (AVX2 against AVX-512) round float sums differently, so a fixture
+    made on one CPU cannot be reproduced bit for bit on another; the bit-exact resume itself is proven by the kill tests,
+    which compare two runs made on the same machine. Returns which comparison was made."""
+    import torch
+    a, b = model_tensors(resumed), model_tensors(one_go)
+    assert a.keys() == b.keys()
+    fa, fb = model_tensors(fixture_ck), model_tensors(one_go_ck)
+    if all(torch.equal(fa[k], fb[k]) for k in fa):
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, f'this CPU reproduced the fixture bit for bit, but the resumed run differs in {differ}'
+        return 'bit for bit'
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < tol, f'the resumed run is {worst:.3g} from the one-go run (at most {tol} on a CPU that rounds differently)'
+    return f'within {worst:.1e} (this CPU rounds differently from the one that made the fixture)'
+

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, copy_fixture_run, foundry, start_train, wait_until
+from conftest import REPO, assert_resumed_as_one_go, copy_fixture_run, foundry, start_train, wait_until
 from model_foundry.checkpointing import list_checkpoints, load_checkpoint, verify_checkpoint
 from model_foundry.config import load_config
 from model_foundry.fixtures import StopAfter
@@ -95,10 +95,11 @@ def test_checkpoint_without_manifest_from_earlier_version_is_upgraded_and_resume
     assert verify_checkpoint(ck) is None and set(json.loads((ck/'manifest.json').read_text())['files']) == set(before) - {'COMPLETE'}
     assert all((ck/n).read_bytes() == b for n, b in before.items())  # upgraded by adding a manifest; nothing else touched
     assert not (run/'checkpoints'/'quarantine').exists()
-    # the same run trained from scratch by today's code ends with the same weights, bit for bit
+    # the same run trained from scratch by today's code ends with the same weights (bit for bit where this CPU rounds as
+    # the fixture's did)
     ref = tmp_path/'ref'
     assert foundry('train', run/'config.yaml', '--run-dir', ref).returncode == 0
-    assert same_weights(run/'checkpoints'/'step-00000020', ref/'checkpoints'/'step-00000020')
+    print(assert_resumed_as_one_go(run/'checkpoints'/'step-00000020', ref/'checkpoints'/'step-00000020', ck, ref/'checkpoints'/'step-00000010'))
 
 
 @pytest.mark.slow
@@ -115,8 +116,9 @@ def test_gpu_saved_optimizer_state_resumes_on_cpu(tmp_path, cache_dir):
     ref = tmp_path/'ref'
     assert foundry('train', run/'config.yaml', '--run-dir', ref, env=dict(CUDA_VISIBLE_DEVICES='')).returncode == 0
     made_on = json.loads((FIXTURES/'gpu_run'/'environment.json').read_text())['fixture']
-    if made_on.startswith('trained on CPU'):  # the same arithmetic as the reference: identical to the last bit
-        assert same_weights(run/'checkpoints'/'step-00000020', ref/'checkpoints'/'step-00000020')
+    if made_on.startswith('trained on CPU'):  # the reference's arithmetic: identical to the last bit where this CPU rounds alike
+        print(assert_resumed_as_one_go(run/'checkpoints'/'step-00000020', ref/'checkpoints'/'step-00000020',
+                                       FIXTURES/'gpu_run'/'checkpoints'/'step-00000010', ref/'checkpoints'/'step-00000010'))
 
 
 @pytest.mark.gpu
