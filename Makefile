@@ -9,7 +9,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 RUN_CONFIG ?= configs/python-stdlib.yaml
 RUN_DIR    ?= runs/python-stdlib
 
-.PHONY: test-gpu run test install install-dev export clean-nbs readme check-clean bench browser docs-preview lab
+.PHONY: test-gpu run test test-quick install install-dev export clean-nbs readme check-clean bench browser docs-preview lab
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,25 +31,28 @@ run: install
 	$(BIN)/foundry generate $(RUN_DIR) --prompt "class" --max-new-tokens 150 --temperature 0.8 --top-k 50 --seed 1
 	$(BIN)/foundry eval $(RUN_DIR) --suite suites/python.yaml
 
-# Coverage of model_foundry/ across nbdev-test, pytest and every Python process they start: COVERAGE_PROCESS_START
-# makes each Python process start coverage (coverage's .pth; [tool.coverage.run] in pyproject.toml, patch=subprocess
-# passes it on), all of them writing .coverage.* in the repository root; combined and reported at the end.
+# Coverage of model_foundry/ across pytest and every Python process it starts (nbdev-test's notebooks among them):
+# COVERAGE_PROCESS_START makes each Python process start coverage (coverage's .pth; [tool.coverage.run] in pyproject.toml,
+# patch=subprocess passes it on), all of them writing .coverage.* in the repository root; combined and reported at the end.
 # tools/coverage_imports.py (a .pth in the venv) keeps the tracer off while other packages load (most of the cost);
 # tools/coverage_nbdev_test.py is nbdev-test with the notebooks' exported cells measured as their module's lines.
+# pytest runs on two workers (pytest-xdist, a test file to a worker, the longest files first: tests/conftest.py), one torch
+# thread each: the notebooks (nbdev-test, in tests/test_docs.py) and the docs site on one while the rest runs on the other.
 COVERAGE_FLOOR ?= 90
 COVERAGE_DATA  := COVERAGE_FILE="$(CURDIR)/.coverage"
-# nbdev-test keeps each notebook it executed (outputs included) in $(EXECUTED); the docs test builds the site from them.
-EXECUTED       := $(CURDIR)/.nbs-executed
 MEASURED       := $(COVERAGE_DATA) COVERAGE_PROCESS_START="$(CURDIR)/pyproject.toml" COVERAGE_SOURCE="$(CURDIR)/model_foundry"
+PYTEST         := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile --durations=12
 
 test: install-dev browser
 	$(BIN)/python tools/coverage_imports.py
 	$(COVERAGE_DATA) $(BIN)/coverage erase
-	rm -rf $(EXECUTED)
-	$(MEASURED) OMP_NUM_THREADS=1 $(BIN)/python tools/coverage_nbdev_test.py --n-workers 2 --save-to $(EXECUTED)
-	$(MEASURED) DOCS_EXECUTED=$(EXECUTED) OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not gpu" --durations=12 tests
+	$(MEASURED) $(PYTEST) -m "not gpu" tests
 	$(COVERAGE_DATA) $(BIN)/coverage combine --quiet
 	$(COVERAGE_DATA) $(BIN)/coverage report --fail-under=$(COVERAGE_FLOOR)
+
+# The inner loop (< 3 minutes): every notebook's inline tests (nbdev-test) and the tests not marked slow, no coverage.
+test-quick: install-dev
+	$(PYTEST) -m "not slow and not gpu" tests
 
 # The GPU tier: CUDA training (bf16, fp16 and its loss scaler across resume), real out-of-memory retries, the batch-size
 # finder, attention implementations, inductor, QLoRA on CUDA, a CUDA checkpoint resumed on CPU. CI has no GPU.

@@ -11,6 +11,17 @@ SHAKESPEARE = REPO/'data'/'tinyshakespeare'/'input.txt'  # ships with the reposi
 FOUNDRY = Path(sys.executable).parent/'foundry'
 
 
+# The test files that take longest, longest first (seconds on CI's 2 cores, `--durations`): `make test` gives a file to each
+# of its two pytest-xdist workers in collection order, so started first they do not run alone at the end.
+LONGEST_FIRST = ['test_docs', 'test_corpus', 'test_jobs', 'test_lifecycle', 'test_input_errors', 'test_distributed', 'test_registry',
+                 'test_finetune', 'test_run_safety', 'test_versions', 'test_end_to_end', 'test_corpus_index']
+
+
+def pytest_collection_modifyitems(items):
+    rank = lambda item: next((i for i, m in enumerate(LONGEST_FIRST) if item.path.stem == m), len(LONGEST_FIRST))
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     "A private FOUNDRY_CACHE, for this process and the subprocesses it starts."
@@ -83,3 +94,38 @@ def assert_resumed_as_one_go(resumed, one_go, fixture_ck, one_go_ck, tol=1e-4) -
     assert worst < tol, f'the resumed run is {worst:.3g} from the one-go run (at most {tol} on a CPU that rounds differently)'
     return f'within {worst:.1e} (this CPU rounds differently from the one that made the fixture)'
 
+
+
+def foundry_here(*args, cwd=None, env=None, **_) -> subprocess.CompletedProcess:
+    """`foundry ARGS` through the command's own entry point (`model_foundry.cli.main`) in this process: the same code path,
+    exit code, stdout and stderr as `foundry()`, without a new interpreter importing torch and transformers (4-5 s each).
+    For tests of what a command does and says; a test of the process itself (signals, kills, a terminal, exit on a crash)
+    uses `foundry()`. `env` entries are set for the call and restored after; torch runs on OMP_NUM_THREADS threads (as a new
+    process given this environment would: the thread count changes float sums)."""
+    import contextlib, io, logging, traceback
+    import torch
+    from model_foundry.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    saved_env = {k: os.environ.get(k) for k in (env or {})}
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    here, threads = os.getcwd(), torch.get_num_threads()
+    try:
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '2')))  # what `foundry()` gives its process
+        root.handlers = []  # the command's logging.basicConfig then writes to the captured stderr, as a new process's would
+        if cwd is not None: os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try: code = main([str(a) for a in args])
+            except SystemExit as e: code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)  # argparse: exit 2
+            except BaseException:  # what the interpreter does with an uncaught exception: the traceback, exit code 1
+                traceback.print_exc(); code = 1
+    finally:
+        os.chdir(here); torch.set_num_threads(threads)
+        for h in root.handlers:
+            if h not in saved_handlers: h.close()
+        root.handlers, root.level = saved_handlers, saved_level
+        for k, v in saved_env.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+    return subprocess.CompletedProcess(['foundry', *map(str, args)], code, out.getvalue(), err.getvalue())

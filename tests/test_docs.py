@@ -1,4 +1,8 @@
-"""The docs preview, built from the notebooks with pure-Python tools and opened in a real headless Chromium."""
+"""The notebooks run top to bottom with their inline tests (nbdev-test), and the docs site built from their outputs with
+pure-Python tools opens in a real headless Chromium.
+
+One file, so that under pytest-xdist (`make test`: `--dist loadfile`) the site is built on the worker that ran the notebooks,
+from the outputs they just gave, while the other worker runs the rest of the suite."""
 import os, shutil, subprocess, sys, time
 
 import pytest
@@ -13,14 +17,38 @@ def chromium() -> str | None:
     return None
 
 
+def notebooks() -> list:
+    "Every notebook nbdev-test runs: nbs/ and its folders, but not checkpoints or files starting with `_` or `.`."
+    return sorted(str(p.relative_to(REPO/'nbs')) for p in (REPO/'nbs').rglob('*.ipynb')
+                  if not any(part.startswith(('_', '.')) for part in p.relative_to(REPO/'nbs').parts))
+
+
 @pytest.fixture(scope='module')
-def site(tmp_path_factory):
-    "The whole site, built as `make docs-preview` builds it: every notebook executed, or taken as `make test`'s nbdev-test executed it."
+def executed(tmp_path_factory):
+    """nbdev-test over every notebook (tools/coverage_nbdev_test.py: nbdev-test, with the exported cells measured as their
+    modules' lines when coverage runs), two notebooks at a time, each kept with the outputs it gave; (result, folder)."""
+    out = tmp_path_factory.mktemp('executed')
+    t = time.time()
+    res = subprocess.run([sys.executable, str(REPO/'tools'/'coverage_nbdev_test.py'), '--n-workers', '2', '--save-to', str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=1500, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    print(f'nbdev-test: {time.time() - t:.0f} s')
+    return res, out
+
+
+@pytest.mark.timeout(1800)  # a standalone run on a slow machine; `make test` runs this beside the rest of the suite
+def test_every_notebook_runs_top_to_bottom_and_its_inline_tests_pass(executed):
+    res, out = executed
+    assert res.returncode == 0 and 'Success.' in res.stdout + res.stderr, (res.stdout[-3000:], res.stderr[-6000:])
+    saved = sorted(str(p.relative_to(out)) for p in out.rglob('*.ipynb'))
+    assert saved == notebooks(), sorted(set(notebooks()) ^ set(saved))  # each one ran (and passed: only those are saved)
+
+
+@pytest.fixture(scope='module')
+def site(tmp_path_factory, executed):
+    "The whole site, built as `make docs-preview` builds it, from the notebooks as nbdev-test executed them (any it did not: executed here)."
     out = tmp_path_factory.mktemp('site')
     t = time.time()
-    done = os.environ.get('DOCS_EXECUTED')  # `make test`: the notebooks nbdev-test ran just before, with their outputs
-    res = subprocess.run([sys.executable, str(REPO/'tools'/'docs_preview.py'), '--out', str(out),
-                          *(['--executed', done] if done and os.path.isdir(done) else [])], cwd=REPO,
+    res = subprocess.run([sys.executable, str(REPO/'tools'/'docs_preview.py'), '--out', str(out), '--executed', str(executed[1])], cwd=REPO,
                          capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
     print(f'docs preview built in {time.time() - t:.0f} s:\n{res.stdout}')
@@ -40,7 +68,7 @@ def browser():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the site's build (the fixture) counts here: every notebook executed where none were given
+@pytest.mark.timeout(1800)  # the notebooks' run and the site's build (the fixtures) count here when this runs alone
 def test_docs_preview_builds_every_page_without_errors(site):
     pages = sorted(str(p.relative_to(site)) for p in site.rglob('*.html'))
     for must in ('index.html', 'tutorials/train_python_stdlib.html', 'explanations/run_directory.html',

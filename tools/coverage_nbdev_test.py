@@ -10,6 +10,8 @@ records the lines it runs as that module's lines. A cell that is not exported, o
 lines (the same code). nbdev-test's workers are forked, so they inherit the patch; without coverage running this
 behaves exactly as `nbdev-test`.
 
+The longest notebooks are started first (`slowest_first`): nbdev-test's name order left the tutorials running alone at the end.
+
 `--save-to DIR`: every notebook that passes is written, with the outputs this run gave it, to DIR (its path under nbs/
 kept) instead of over itself (nbdev-test's `--save`). `make test` hands DIR to the docs test, which builds the site from
 these outputs rather than executing every notebook a second time.
@@ -81,7 +83,28 @@ def save_outputs_to(folder: Path, nbs: Path):
     nbdev.test.write_nb = write
 
 
+SLOW_FIRST = ('tutorials/', '13_jobs', '14_cli', '01e_corpus', '12d_registry')  # the longest notebooks (nbdev-test --timing), started first
+
+
+def slowest_first():
+    """nbdev-test hands its workers the notebooks in name order, so the longest (the tutorials, ~70 s) start last and run
+    alone at the end; started first, the short ones fill the other worker meanwhile. Results are returned in nbdev's order."""
+    import nbdev.test
+    parallel = nbdev.test.parallel
+
+    def rank(f) -> int: return next((i for i, k in enumerate(SLOW_FIRST) if k in Path(f).as_posix()), len(SLOW_FIRST))
+
+    def reordered(fn, items, **kw):
+        order = sorted(range(len(items)), key=lambda i: rank(items[i]))
+        results = parallel(fn, [items[i] for i in order], **kw)
+        out = [None] * len(items)
+        for i, r in zip(order, results): out[i] = r
+        return out
+    nbdev.test.parallel = reordered
+
+
 if __name__ == '__main__':
+    slowest_first()
     if os.environ.get('COVERAGE_PROCESS_START') or os.environ.get('COVERAGE_PROCESS_CONFIG'): install()
     if '--save-to' in sys.argv:
         i = sys.argv.index('--save-to')

@@ -13,7 +13,7 @@ frontmatter from the title cell), and converted to HTML with nbconvert. Pages: t
 being executed again: `make test` passes the notebooks its nbdev-test run executed (tools/coverage_nbdev_test.py
 --save-to), so the docs test builds the site from those outputs.
 """
-import argparse, concurrent.futures as cf, html, os, re, shutil, subprocess, sys, tempfile, time
+import argparse, concurrent.futures as cf, html, json, os, re, shutil, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 from typing import Optional
 
@@ -137,18 +137,47 @@ def render(src: Path, section: str, name: str, nav: str, out_root: Path) -> dict
     return dict(name=name, title=title, section=section)
 
 
-def _build_one(nb: Path, work: Path, timeout: int, threads: int, done: Optional[Path] = None) -> tuple[Path, float]:
-    "Execute (unless `done` holds it executed) and process one notebook in its own process (kernels and nbdev's shell stay apart)."
-    t, rel = time.time(), nb.relative_to(NBS)
-    executed, processed = work/'executed'/rel, work/'processed'/rel
-    executed.parent.mkdir(parents=True, exist_ok=True); processed.parent.mkdir(parents=True, exist_ok=True)
-    reuse = done is not None and (done/rel).is_file()
-    if reuse: shutil.copyfile(done/rel, executed)
-    r = subprocess.run([sys.executable, __file__, '--one', str(nb), str(executed), str(processed), '--timeout', str(timeout),
-                        *(['--executed', str(done)] if reuse else [])],
-                       cwd=REPO, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
-    if r.returncode: raise RuntimeError(f'{rel} failed:\n{r.stderr[-4000:]}')
-    return processed, time.time() - t
+def _build_batch(nbs: list, work: Path, timeout: int, threads: int, done: Optional[Path] = None):
+    """Execute (unless `done` holds it executed) and process notebooks `nbs` one after another in one process of their own
+    (kernels and nbdev's shells stay apart from this one; torch and the package are imported once per batch, not per page).
+    Yields (notebook, processed path or None, seconds, error) as each is done."""
+    args = []
+    for nb in nbs:
+        rel = nb.relative_to(NBS)
+        executed, processed = work/'executed'/rel, work/'processed'/rel
+        executed.parent.mkdir(parents=True, exist_ok=True); processed.parent.mkdir(parents=True, exist_ok=True)
+        reuse = done is not None and (done/rel).is_file()
+        if reuse: shutil.copyfile(done/rel, executed)
+        args += [str(nb), str(executed), str(processed), 'reuse' if reuse else 'execute']
+    p = subprocess.Popen([sys.executable, __file__, '--batch', *args, '--timeout', str(timeout)], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
+    err = []
+    threading.Thread(target=lambda: err.extend(p.stderr), daemon=True).start()  # drained: a full stderr pipe would stall it
+    seen = set()
+    for line in p.stdout:  # one JSON line per notebook, as it is done
+        if not line.startswith('{'): continue
+        r = json.loads(line); seen.add(r['notebook'])
+        yield Path(r['notebook']), Path(r['processed']) if r['ok'] else None, r['seconds'], r.get('error')
+    p.wait()
+    for nb in nbs:  # the batch process died before reaching these
+        if str(nb) not in seen: yield nb, None, 0.0, f'the batch process ended (exit {p.returncode}) before it:\n{"".join(err)[-4000:]}'
+
+
+def _run_batch(triples: list, timeout: int):
+    "In the batch process: each notebook executed (or taken as executed) and processed; a JSON line each, a failure included."
+    import traceback
+    for nb, executed, processed, how in triples:
+        t = time.time()
+        try:
+            if how == 'execute': execute(Path(nb), Path(executed), timeout)
+            process(Path(executed), Path(processed))
+            r = dict(ok=True)
+        except Exception as e: r = dict(ok=False, error=f'{Path(nb).relative_to(NBS)} failed:\n{traceback.format_exc()[-4000:]}')
+        try:
+            from ipywidgets import Widget
+            Widget.close_all()  # nbdev stores the live widgets' state in each page: only this notebook's
+        except ImportError: pass
+        print(json.dumps(dict(r, notebook=nb, processed=processed, seconds=time.time() - t)), flush=True)
 
 
 def _title_of(nb: Path) -> str:
@@ -172,17 +201,19 @@ def build(out: Path, workers: int = 2, only=(), timeout: int = 900, done: Option
     work = Path(tempfile.mkdtemp(prefix='docs-preview-'))
     built, failed = [], []
     try:
-        with cf.ThreadPoolExecutor(workers) as pool:
-            threads = max(1, (os.cpu_count() or 1) // workers)  # torch in parallel kernels must not oversubscribe the cores
-            futs = {pool.submit(_build_one, p, work, timeout, threads, done): (s, p) for s, p in todo}
-            for f in cf.as_completed(futs):
-                s, p = futs[f]
-                try:
-                    processed, secs = f.result()
-                    built.append(render(processed, s, page_name(p), nav, out))
-                except RuntimeError as e:
-                    failed.append(p.name); print(e, file=sys.stderr, flush=True); continue
-                print(f'{page_name(p):36s} {secs:6.1f} s', flush=True)
+        threads = max(1, (os.cpu_count() or 1) // workers)  # torch in parallel kernels must not oversubscribe the cores
+        section = {p: s for s, p in todo}
+        batches = [[p for _, p in todo][i::workers] for i in range(workers)]  # interleaved: the long notebooks spread out
+
+        def run(batch):
+            for p, processed, secs, error in _build_batch(batch, work, timeout, threads, done):
+                with lock:
+                    if error: failed.append(p.name); print(error, file=sys.stderr, flush=True); continue
+                    built.append(render(processed, section[p], page_name(p), nav, out))
+                    print(f'{page_name(p):36s} {secs:6.1f} s', flush=True)
+
+        lock = threading.Lock()
+        with cf.ThreadPoolExecutor(workers) as pool: list(pool.map(run, [b for b in batches if b]))
     finally: shutil.rmtree(work, ignore_errors=True)
     if failed: raise SystemExit(f'docs preview: {len(failed)} notebook(s) failed to build: {", ".join(sorted(failed))}')
     return built
@@ -231,12 +262,10 @@ def main(argv=None) -> int:
     ap.add_argument('--executed', metavar='DIR', help='notebooks already executed (paths as under nbs/): used, not executed again')
     ap.add_argument('--execute-in-place', action='store_true',
                     help="only execute the notebooks, writing their outputs into nbs/ (for nbdev-docs, which renders stored outputs; do not commit them)")
-    ap.add_argument('--one', nargs=3, metavar=('NOTEBOOK', 'EXECUTED', 'PROCESSED'), help=argparse.SUPPRESS)
+    ap.add_argument('--batch', nargs='+', help=argparse.SUPPRESS)  # NOTEBOOK EXECUTED PROCESSED execute|reuse, repeated
     a = ap.parse_args(argv)
-    if a.one:
-        nb, executed, processed = map(Path, a.one)
-        if not a.executed: execute(nb, executed, a.timeout)
-        process(executed, processed)
+    if a.batch:
+        _run_batch([a.batch[i:i + 4] for i in range(0, len(a.batch), 4)], a.timeout)
         return 0
     t = time.time()
     if a.execute_in_place:
