@@ -1,7 +1,7 @@
 """Bad input to `foundry` is one line on stderr, exit code 2, no traceback, and nothing half-written."""
 import pytest
 
-from conftest import foundry
+from conftest import foundry, foundry_here
 
 
 def assert_one_line_error(res, expected):
@@ -25,7 +25,7 @@ def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, cache_dir
     cfg = tmp_path/'exp.yaml'
     if yaml_text is not None: cfg.write_text(yaml_text)
     run_dir = tmp_path/'run'
-    res = foundry('train', cfg, '--run-dir', run_dir, *overrides)
+    res = foundry_here('train', cfg, '--run-dir', run_dir, *overrides)
     assert_one_line_error(res, expected)
     assert not run_dir.exists()
 
@@ -51,5 +51,5 @@ def test_bad_suite_file_is_rejected_with_the_field_named(tmp_path, suite_text, e
     from model_foundry.config import ExperimentConfig, save_config
     save_config(ExperimentConfig(), tmp_path/'run'/'config.yaml')  # a run directory; the suite is checked before any work
     (tmp_path/'suite.yaml').write_text(suite_text)
-    assert_one_line_error(foundry('eval', tmp_path/'run', '--suite', tmp_path/'suite.yaml'), expected)
+    assert_one_line_error(foundry_here('eval', tmp_path/'run', '--suite', tmp_path/'suite.yaml'), expected)
     assert not (tmp_path/'run'/'report').exists()

@@ -114,17 +114,17 @@ def test_batch_size_finder_backs_off_on_out_of_memory(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_tune_batch_writes_a_config_that_keeps_the_effective_batch_and_trains(tmp_path, cache_dir):
-    from conftest import foundry
+    from conftest import foundry, foundry_here
     from model_foundry.config import load_config, save_config
     cfg = tiny_config(tmp_path, data=dict(batch_size=2), training=dict(train_steps=3, gradient_accumulation_steps=6, eval_interval=3))
     save_config(cfg, tmp_path/'exp.yaml')
-    res = foundry('tune-batch', tmp_path/'exp.yaml', '--run-dir', tmp_path/'run')
+    res = foundry_here('tune-batch', tmp_path/'exp.yaml', '--run-dir', tmp_path/'run')
     assert res.returncode == 0, res.stderr[-2000:]
     tuned = load_config(tmp_path/'exp.tuned.yaml')
     assert (tuned.data.batch_size, tuned.training.gradient_accumulation_steps) == (12, 1), res.stdout  # all 12 fit on this CPU
     assert 'data.batch_size 2 -> 12, training.gradient_accumulation_steps 6 -> 1 (effective batch 12 kept)' in res.stdout
     assert not (tmp_path/'run').exists()  # the search wrote nothing to the run
-    res = foundry('train', tmp_path/'exp.tuned.yaml', '--run-dir', tmp_path/'run')
+    res = foundry_here('train', tmp_path/'exp.tuned.yaml', '--run-dir', tmp_path/'run')
     assert res.returncode == 0 and json.loads((tmp_path/'run'/'state.json').read_text())['status'] == 'completed', res.stderr[-2000:]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, FOUNDRY, foundry, wait_until
+from conftest import REPO, FOUNDRY, foundry, wait_until, foundry_here
 from model_foundry.config import DataConfig, TokenizerConfig, load_config
 from model_foundry.corpus import build_corpus, corpus_settings, read_manifest
 from model_foundry.finetune import make_base_model
@@ -44,6 +44,13 @@ def code_repo(tmp_path_factory):
     return root/'demo'
 
 
+@pytest.fixture(scope='module')
+def built(code_repo, tmp_path_factory):
+    "The demo repository's corpus, every phase (the embeddings index included), built once for the tests that compare with it."
+    out = tmp_path_factory.mktemp('built')/'c'
+    return build(code_repo, out), out
+
+
 def build(repo, out, **settings):
     return build_corpus([repo], out, corpus_settings(**settings), progress=False, log=lambda *a: None)
 
@@ -51,17 +58,17 @@ def build(repo, out, **settings):
 def test_not_a_repository_is_one_line_exit_2(tmp_path):
     (tmp_path/'plain').mkdir()
     for target in (tmp_path/'plain', tmp_path/'missing'):
-        res = foundry('corpus', target, '--out', tmp_path/'out')
+        res = foundry_here('corpus', target, '--out', tmp_path/'out')
         assert res.returncode == 2 and res.stderr.count('\n') == 1, res.stderr
         assert 'not a git repository' in res.stderr and str(target) in res.stderr
     assert not (tmp_path/'out').exists()  # nothing half-written
-    res = foundry('corpus', 'search', tmp_path/'plain', 'anything')
+    res = foundry_here('corpus', 'search', tmp_path/'plain', 'anything')
     assert res.returncode == 2 and 'not a corpus directory' in res.stderr
 
 
 @pytest.mark.slow
-def test_corpus_records_why_each_file_was_kept_or_dropped(code_repo, tmp_path):
-    m = build(code_repo, tmp_path/'c', embed=False)
+def test_corpus_records_why_each_file_was_kept_or_dropped(built):
+    m, c = built
     why = {r['path']: r['reason'] for r in m['files']}
     assert why['Cargo.lock'] == 'lockfile' and why['vendor/six.py'] == 'vendored' and why['assets/logo.png'] == 'binary'
     assert why['web/app.min.js'] in ('minified', 'long-lines', 'mean-line-length')
@@ -71,14 +78,14 @@ def test_corpus_records_why_each_file_was_kept_or_dropped(code_repo, tmp_path):
     assert (a['commits'], a['branches']) == (4, {'feature': 4, 'main': 3})
     kept = [r for r in m['files'] if r['kept']]
     assert {r['split'] for r in kept} == {'train', 'validation'}
-    on_disk = sorted(p.relative_to(tmp_path/'c').as_posix() for s in ('train', 'validation') for p in (tmp_path/'c'/s).rglob('*') if p.is_file())
+    on_disk = sorted(p.relative_to(c).as_posix() for s in ('train', 'validation') for p in (c/s).rglob('*') if p.is_file())
     assert on_disk == sorted(f"{r['split']}/demo/{r['path']}" for r in kept)
     s = next(r for r in m['files'] if r['path'] == 'settings.py')
-    assert SECRET not in (tmp_path/'c'/s['split']/'demo'/'settings.py').read_text() and s['redactions']
-    assert 'jane.doe@example.org' not in (tmp_path/'c'/'commits.jsonl').read_text()
-    assert SECRET not in (tmp_path/'c'/'commits.jsonl').read_text()
+    assert SECRET not in (c/s['split']/'demo'/'settings.py').read_text() and s['redactions']
+    assert 'jane.doe@example.org' not in (c/'commits.jsonl').read_text()
+    assert SECRET not in (c/'commits.jsonl').read_text()
     assert m['phases']['history']['commits'] == 4  # every branch's commits, each once
-    assert (tmp_path/'c'/'stats'/'tokens.png').read_bytes()[:4] == b'\x89PNG'
+    assert (c/'stats'/'tokens.png').read_bytes()[:4] == b'\x89PNG'
 
 
 @pytest.mark.slow
@@ -90,12 +97,10 @@ def test_duplicates_on_the_built_branch_are_dropped(code_repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_rebuild_gives_identical_manifest(code_repo, tmp_path):
+def test_rebuild_gives_identical_manifest(code_repo, built, tmp_path):
+    first = (built[1]/'manifest.json').read_bytes()
     a = build(code_repo, tmp_path/'a')
-    first = (tmp_path/'a'/'manifest.json').read_bytes()
-    shutil.rmtree(tmp_path/'a')
-    build(code_repo, tmp_path/'a')
-    assert (tmp_path/'a'/'manifest.json').read_bytes() == first               # from scratch, byte for byte
+    assert (tmp_path/'a'/'manifest.json').read_bytes() == first               # from scratch, byte for byte (another folder)
     build(code_repo, tmp_path/'a')
     assert (tmp_path/'a'/'manifest.json').read_bytes() == first               # on top of itself: nothing runs
     assert json.loads((tmp_path/'a'/'timings.json').read_text())['ran'] == []
@@ -103,9 +108,8 @@ def test_rebuild_gives_identical_manifest(code_repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_killed_mid_phase_resumes(code_repo, tmp_path):
-    ref = tmp_path/'ref'
-    build(code_repo, ref)
+def test_pipeline_killed_mid_phase_resumes(code_repo, built, tmp_path):
+    ref = built[1]  # the same corpus built without a kill
     out = tmp_path/'killed'
     proc = subprocess.Popen([str(FOUNDRY), 'corpus', str(code_repo), '--out', str(out), '--quiet'], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     state = out/'.state'
@@ -116,7 +120,7 @@ def test_pipeline_killed_mid_phase_resumes(code_repo, tmp_path):
     proc.send_signal(signal.SIGKILL); proc.wait()
     assert not (out/'manifest.json').exists()
 
-    res = foundry('corpus', code_repo, '--out', out, '--quiet')
+    res = foundry_here('corpus', code_repo, '--out', out, '--quiet')
     assert res.returncode == 0, res.stderr[-2000:]
     t = json.loads((out/'timings.json').read_text())
     assert t['skipped'] == ['analyse', 'files', 'clean', 'split'] and t['ran'][0] == 'index', t
@@ -145,10 +149,11 @@ def test_new_commit_reruns_only_what_changed(tmp_path):
 
 
 @pytest.mark.slow
-def test_corpus_trains_end_to_end(code_repo, tmp_path, cache_dir):
+def test_corpus_trains_end_to_end(code_repo, built, tmp_path, cache_dir):
     base = make_base_model('starcoder2', tmp_path/'base', [(STDLIB/n).read_text() for n in PY], vocab_size=400, layers=2,
                            embedding_size=64, attention_heads=4, context_length=128)
-    res = foundry('corpus', code_repo, '--out', tmp_path/'c', '--base-model', base, '--suite', REPO/'suites'/'python.yaml', '--quiet',
+    shutil.copytree(built[1], tmp_path/'c')  # the corpus built already: a base model and a suite change what it writes, not what it read
+    res = foundry_here('corpus', code_repo, '--out', tmp_path/'c', '--base-model', base, '--suite', REPO/'suites'/'python.yaml', '--quiet',
                   '--set', 'max_sequence_length=64', '--set', 'batch_size=4')
     assert res.returncode == 0, res.stderr[-2000:]
     assert 'manifest:' in res.stdout and 'tokens:' in res.stdout
@@ -156,17 +161,17 @@ def test_corpus_trains_end_to_end(code_repo, tmp_path, cache_dir):
     assert 'configs/finetune-python.yaml' in m['phases']['configs'], m['phases']['configs']
     cfg = load_config(tmp_path/'c'/'configs'/'finetune-python.yaml')
     assert (cfg.finetune.method, cfg.training.early_stopping_patience, cfg.data.include) == ('lora', 3, ['*.py', '*.pyi'])
-    res = foundry('corpus', 'search', tmp_path/'c', 'merge sorted inputs into a heap', '-k', '3')
+    res = foundry_here('corpus', 'search', tmp_path/'c', 'merge sorted inputs into a heap', '-k', '3')
     assert res.returncode == 0 and 'heapq.py' in res.stdout.splitlines()[0], res.stdout
 
     sets = ['training.train_steps=6', 'training.eval_interval=3', 'training.eval_batches=1', 'training.device=cpu', 'training.log_interval=1']
-    res = foundry('train', tmp_path/'c'/'configs'/'finetune-python.yaml', '--run-dir', tmp_path/'run', *[a for s in sets for a in ('--set', s)])
+    res = foundry_here('train', tmp_path/'c'/'configs'/'finetune-python.yaml', '--run-dir', tmp_path/'run', *[a for s in sets for a in ('--set', s)])
     assert res.returncode == 0, res.stderr[-3000:]
     state = json.loads((tmp_path/'run'/'state.json').read_text())
     assert state['status'] == 'completed'
     prepared = [json.loads(l) for l in (tmp_path/'run'/'metrics.jsonl').read_text().splitlines()]
     assert any(r['type'] == 'eval' for r in prepared)
-    res = foundry('eval', tmp_path/'run', '--suite', REPO/'suites'/'python.yaml')
+    res = foundry_here('eval', tmp_path/'run', '--suite', REPO/'suites'/'python.yaml')
     assert res.returncode == 0, res.stderr[-3000:]
 
     # the history trains too: commits.jsonl's `text` field is one sample per changed file

@@ -10,9 +10,9 @@ from model_foundry.embeddings import (COLLECTION, Embedder, chunk_file, chunk_id
 
 pytestmark = pytest.mark.slow
 STDLIB = Path(sysconfig.get_paths()['stdlib'])
+# a haystack of ~400 chunks of 19 modules (the embedding is most of this file's time: 32 modules and ~940 chunks took a minute)
 MODULES = ['textwrap', 'heapq', 'bisect', 'shlex', 'fnmatch', 'colorsys', 'glob', 'string', 'keyword', 'reprlib', 'numbers', 'abc',
-           'copy', 'queue', 'graphlib', 'sched', 'stat', 'getopt', 'calendar', 'base64', 'gettext', 'netrc', 'codeop', 'tabnanny',
-           'quopri', 'wave', 'random', 'statistics', 'fractions', 'pprint', 'csv', 'configparser']
+           'copy', 'queue', 'graphlib', 'sched', 'stat', 'getopt', 'calendar']
 
 LEVENSHTEIN = '''use std::cmp::min;
 
@@ -78,7 +78,7 @@ def stdlib_chunks(modules) -> list:
 
 def test_search_returns_the_planted_function_first(embedder, index_dir):
     chunks = stdlib_chunks(MODULES) + chunk_file('planted/src/edit.rs', LEVENSHTEIN)
-    assert len(chunks) > 900 and len({c.chunk_id for c in chunks}) == len(chunks)
+    assert len(chunks) > 400 and len({c.chunk_id for c in chunks}) == len(chunks)
     client = open_index(index_dir)
     try:
         t0 = time.perf_counter()

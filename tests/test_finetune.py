@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, foundry, start_train, wait_until
+from conftest import REPO, foundry, start_train, wait_until, foundry_here
 from model_foundry.config import DataConfig, ExperimentConfig, FinetuneConfig, ModelConfig, TokenizerConfig, load_config
 from model_foundry.evaluation import IGNORE, lm_loss
 from model_foundry.finetune import finetune_model, load_base, make_base_model, parameter_report
@@ -111,7 +111,7 @@ def test_starcoder2_qlora_run_killed_and_resumed_matches_uninterrupted_bit_for_b
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     cfg = write_config(tmp_path, code_dir, bases['starcoder2'], 'qlora', steps=80, eval_every=20, ckpt_every=5)
     ref = tmp_path/'uninterrupted'
-    res = foundry('train', cfg, '--run-dir', ref)
+    res = foundry_here('train', cfg, '--run-dir', ref)
     assert res.returncode == 0, res.stderr[-3000:]
 
     run, kills = tmp_path/'killed', []
@@ -122,7 +122,7 @@ def test_starcoder2_qlora_run_killed_and_resumed_matches_uninterrupted_bit_for_b
         if proc.poll() is None: proc.send_signal(signal.SIGKILL); proc.wait(); kills.append(target)
     assert kills, 'the run finished before it could be killed'
     assert json.loads((run/'state.json').read_text())['status'] == 'running'  # SIGKILL: nobody wrote anything more
-    res = foundry('train', cfg, '--run-dir', run)
+    res = foundry_here('train', cfg, '--run-dir', run)
     assert res.returncode == 0, res.stderr[-3000:]
 
     loss = lambda r: {x['step']: x['loss'] for x in records(r, 'train')}
@@ -208,7 +208,7 @@ def test_final_adapter_and_merged_model_load_with_peft_and_auto_classes(finetune
 
 def test_target_module_that_matches_nothing_is_an_error_naming_it(tmp_path, cache_dir, code_dir, bases):
     cfg = write_config(tmp_path, code_dir, bases['starcoder2'], 'lora', extra='')
-    res = foundry('train', cfg, '--run-dir', tmp_path/'run', '--set', 'finetune.target_modules=[q_proj, gate_proj]')
+    res = foundry_here('train', cfg, '--run-dir', tmp_path/'run', '--set', 'finetune.target_modules=[q_proj, gate_proj]')
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert "finetune.target_modules: 'gate_proj' matches no module of this starcoder2 model" in last and 'c_fc' in last, last
@@ -321,13 +321,13 @@ def test_jsonl_parquet_and_saved_dataset_sources_give_the_same_blocks(tmp_path, 
 @pytest.mark.slow
 def test_rust_suite_runs_on_a_finetuned_run(finetuned):
     cfg, run = finetuned['qlora']
-    res = foundry('eval', run, '--suite', REPO/'suites'/'rust.yaml')
+    res = foundry_here('eval', run, '--suite', REPO/'suites'/'rust.yaml')
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads((run/'report'/'report.json').read_text())
     suite = rep['suites'][0]
     assert suite['suite'] == 'rust' and len(suite['results']) == 5 and 0 <= suite['summary']['pass_rate'] <= 1
     assert rep['validation']['tokens'] > 0
-    gen = foundry('generate', run, '--prompt', 'fn add(a: i32, b: i32) -> i32 {\n', '--max-new-tokens', '12', '--seed', '0')
+    gen = foundry_here('generate', run, '--prompt', 'fn add(a: i32, b: i32) -> i32 {\n', '--max-new-tokens', '12', '--seed', '0')
     assert gen.returncode == 0 and gen.stdout.startswith('fn add('), gen.stderr[-2000:]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FOUNDRY, REPO, foundry, wait_until
+from conftest import FOUNDRY, REPO, foundry, wait_until, foundry_here
 from test_cli_errors import assert_one_line_error
 
 TINY = """\
@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
     "One finished tiny run (and its config), copied by each test that damages it."
     d = tmp_path_factory.mktemp('trained')
     cfg = write_config(d)
-    res = foundry('train', cfg, '--run-dir', d/'run', env=dict(FOUNDRY_CACHE=str(d/'cache')))
+    res = foundry_here('train', cfg, '--run-dir', d/'run', env=dict(FOUNDRY_CACHE=str(d/'cache')))
     assert res.returncode == 0, res.stderr[-3000:]
     return cfg, d/'run', d/'cache'
 
@@ -60,7 +60,7 @@ def test_batch_larger_than_the_split_is_one_line_before_anything_is_written(tmp_
     cfg, run = write_config(tmp_path), tmp_path/'run'
     for cmd in ('train', 'validate'):
         t0 = time.time()
-        res = foundry(cmd, cfg, '--run-dir', run, '--set', 'data.batch_size=100000000')  # a typo for 100
+        res = foundry_here(cmd, cfg, '--run-dir', run, '--set', 'data.batch_size=100000000')  # a typo for 100
         assert_one_line_error(res, 'data.batch_size (100000000) x training.gradient_accumulation_steps (1) = 100,000,000 samples per step, '
                                    'but the train split has only')
         assert time.time() - t0 < 120 and not run.exists()
@@ -82,7 +82,7 @@ def test_model_too_large_for_memory_is_one_line_with_the_estimate(tmp_path, cach
 @pytest.mark.slow
 def test_validate_prints_the_plan(tmp_path, trained):
     cfg, run, cache = trained
-    res = foundry('validate', cfg, '--run-dir', tmp_path/'new', '--json', env=dict(FOUNDRY_CACHE=str(cache)))
+    res = foundry_here('validate', cfg, '--run-dir', tmp_path/'new', '--json', env=dict(FOUNDRY_CACHE=str(cache)))
     assert res.returncode == 0, res.stderr[-2000:]
     plan = json.loads(res.stdout)
     st = state(run)
@@ -94,7 +94,7 @@ def test_validate_prints_the_plan(tmp_path, trained):
     assert 0.8 < plan['estimate']['checkpoint'] / on_disk < 1.25, (plan['estimate']['checkpoint'], on_disk)
     assert plan['seconds_per_step'] > 0 and plan['available_memory'] > plan['memory_total'] > 0 and plan['free_disk'] > 0
     assert not (tmp_path/'new').exists()
-    text = foundry('validate', cfg, '--run-dir', tmp_path/'new', '--steps', '0', env=dict(FOUNDRY_CACHE=str(cache)))
+    text = foundry_here('validate', cfg, '--run-dir', tmp_path/'new', '--steps', '0', env=dict(FOUNDRY_CACHE=str(cache)))
     rows = [l.split()[0] for l in text.stdout.splitlines()]
     assert text.returncode == 0 and rows[:6] == ['model', 'data', 'steps', 'device', 'memory', 'checkpoint'], text.stdout
     assert f"{plan['estimate']['parameters']:,} parameters" in text.stdout and '40 steps x 8 samples' in text.stdout
@@ -103,7 +103,7 @@ def test_validate_prints_the_plan(tmp_path, trained):
 @pytest.mark.slow
 def test_half_precision_on_a_cpu_is_named_with_its_measured_cost(tmp_path, trained):
     cfg, run, cache = trained
-    res = foundry('validate', cfg, '--run-dir', tmp_path/'new', '--steps', '0', '--json', '--set', 'training.precision=fp16',
+    res = foundry_here('validate', cfg, '--run-dir', tmp_path/'new', '--steps', '0', '--json', '--set', 'training.precision=fp16',
                   env=dict(FOUNDRY_CACHE=str(cache)))
     assert res.returncode == 0, res.stderr[-2000:]
     plan = json.loads(res.stdout)
@@ -120,41 +120,41 @@ def test_damaged_final_weights_state_and_config_are_one_line_each(tmp_path, trai
     cfg, src, cache = trained
     env = dict(FOUNDRY_CACHE=str(cache))
     run = copy_run(trained, tmp_path)
-    ref = foundry('generate', run, '--prompt', 'KING', '--max-new-tokens', '20', '--seed', '0')
+    ref = foundry_here('generate', run, '--prompt', 'KING', '--max-new-tokens', '20', '--seed', '0')
     assert ref.returncode == 0, ref.stderr[-2000:]
     # final/ weights cut short: generate says so and what to do; train rebuilds final/ from the checkpoints
     w = run/'final'/'model.safetensors'
     w.write_bytes(w.read_bytes()[:w.stat().st_size // 2])
-    res = foundry('generate', run, '--prompt', 'KING')
+    res = foundry_here('generate', run, '--prompt', 'KING')
     assert_one_line_error(res, 'final is damaged (model.safetensors:')
     assert f'`foundry train {run/"config.yaml"} --run-dir {run}` rebuilds it' in res.stderr
-    res = foundry('train', run/'config.yaml', '--run-dir', run, env=env)
+    res = foundry_here('train', run/'config.yaml', '--run-dir', run, env=env)
     assert res.returncode == 0 and 'final is damaged' in res.stderr and 'resuming' in res.stderr, res.stderr[-3000:]
     assert w.read_bytes() == (src/'final'/'model.safetensors').read_bytes()  # the same best checkpoint, exported again
-    again = foundry('generate', run, '--prompt', 'KING', '--max-new-tokens', '20', '--seed', '0')
+    again = foundry_here('generate', run, '--prompt', 'KING', '--max-new-tokens', '20', '--seed', '0')
     assert again.stdout == ref.stdout and state(run)['status'] == 'completed'
     # a garbled tokenizer in final/
     (run/'final'/'tokenizer.json').write_text('{"model": ')
-    assert_one_line_error(foundry('generate', run, '--prompt', 'KING'), 'tokenizer.json: not JSON')
+    assert_one_line_error(foundry_here('generate', run, '--prompt', 'KING'), 'tokenizer.json: not JSON')
     shutil.copy(src/'final'/'tokenizer.json', run/'final'/'tokenizer.json')
     # config.yaml garbled: eval names the file; train (with the run's own config) checks state.json's hash and rewrites it
     (run/'config.yaml').write_bytes(b'\x00\xff garbage: [')
-    assert_one_line_error(foundry('eval', run), f'{run/"config.yaml"} cannot be read')
-    res = foundry('train', cfg, '--run-dir', run, env=env)
+    assert_one_line_error(foundry_here('eval', run), f'{run/"config.yaml"} cannot be read')
+    res = foundry_here('train', cfg, '--run-dir', run, env=env)
     assert res.returncode == 0 and 'config.yaml is damaged' in res.stderr and 'already completed' in res.stderr, res.stderr[-2000:]
     assert (run/'config.yaml').read_text() == (src/'config.yaml').read_text()
     # a metrics file with garbage in it: reports skip what is not a record
     with open(run/'metrics.jsonl', 'ab') as f: f.write(b'\xff\xfe7\n[1, 2]\n{"type": "train", "step": "x"}\n')
-    res = foundry('eval', run, env=env)
+    res = foundry_here('eval', run, env=env)
     assert res.returncode == 0 and (run/'report'/'loss.png').is_file(), res.stderr[-2000:]
     # state.json garbled on a finished run: rebuilt (final/ intact: completed), nothing trained again
     (run/'state.json').write_text('{"status": "compl')
-    res = foundry('train', cfg, '--run-dir', run, env=env)
+    res = foundry_here('train', cfg, '--run-dir', run, env=env)
     assert res.returncode == 0 and 'state.json is damaged' in res.stderr and 'rebuilt from step-00000040, final' in res.stderr, res.stderr[-2000:]
     assert 'already completed' in res.stderr and w.read_bytes() == (src/'final'/'model.safetensors').read_bytes()
     # a suite file that is not text
     bad = tmp_path/'suite.yaml'; bad.write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00')
-    assert_one_line_error(foundry('eval', run, '--suite', bad), 'suite')
+    assert_one_line_error(foundry_here('eval', run, '--suite', bad), 'suite')
 
 
 @pytest.mark.slow
@@ -165,7 +165,7 @@ def test_garbled_state_is_rebuilt_from_checkpoints(tmp_path, trained):
     for c in (run/'checkpoints').iterdir():
         if c.name != 'step-00000020': shutil.rmtree(c)
     (run/'state.json').write_bytes(b'\x00\x00\x00')
-    res = foundry('train', cfg, '--run-dir', run, env=dict(FOUNDRY_CACHE=str(cache)))
+    res = foundry_here('train', cfg, '--run-dir', run, env=dict(FOUNDRY_CACHE=str(cache)))
     assert res.returncode == 0, res.stderr[-3000:]
     warn = [l for l in res.stderr.splitlines() if 'state.json is damaged' in l]
     assert len(warn) == 1 and 'rebuilt from step-00000020, metrics.jsonl as status interrupted' in warn[0], res.stderr[-2000:]
@@ -182,16 +182,16 @@ def test_latin1_corpus_with_data_encoding_trains(tmp_path, cache_dir):
     text = ''.join(f"Ligne {i}: café, crème brûlée, über, naïve façade; señor Müller à la gare.\n" for i in range(400))
     corpus.write_bytes(text.encode('latin-1'))
     cfg, run = write_config(tmp_path, corpus), tmp_path/'run'
-    res = foundry('train', cfg, '--run-dir', run)
+    res = foundry_here('train', cfg, '--run-dir', run)
     assert_one_line_error(res, f'{corpus} is not utf-8 text: byte 0xe9 at offset 12 (line 1) cannot be decoded; set data.encoding')
     assert not run.exists()
-    res = foundry('train', cfg, '--run-dir', run, '--set', 'data.encoding=latin-1')
+    res = foundry_here('train', cfg, '--run-dir', run, '--set', 'data.encoding=latin-1')
     assert res.returncode == 0 and state(run)['status'] == 'completed', res.stderr[-3000:]
     vocab = json.loads((run/'final'/'tokenizer.json').read_text())['model']['vocab']
     assert {'é', 'ü', 'ñ', 'à'} <= set(vocab)
-    out = foundry('generate', run, '--prompt', 'caf', '--max-new-tokens', '10', '--temperature', '0')
+    out = foundry_here('generate', run, '--prompt', 'caf', '--max-new-tokens', '10', '--temperature', '0')
     assert out.returncode == 0 and out.stdout.startswith('caf'), out.stderr[-2000:]
-    assert_one_line_error(foundry('train', cfg, '--run-dir', tmp_path/'r2', '--set', 'data.encoding=klingon'), "unknown text encoding 'klingon'")
+    assert_one_line_error(foundry_here('train', cfg, '--run-dir', tmp_path/'r2', '--set', 'data.encoding=klingon'), "unknown text encoding 'klingon'")
 
 
 class Stderr:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import foundry, start_train, wait_until
+from conftest import foundry, start_train, wait_until, foundry_here
 from model_foundry.checkpointing import list_checkpoints, read_trainer_state
 from model_foundry.config import load_config
 from model_foundry.fixtures import DegradeAfter, InjectNaN, StopAfter
@@ -101,7 +101,7 @@ def kill_during_checkpoint_write(proc, run) -> bool:
 def test_training_resumes_from_latest_checkpoint_after_interruption(tmp_path, cache_dir, shakespeare):
     cfg = write_config(tmp_path, shakespeare, steps=300)
     ref = tmp_path/'uninterrupted'
-    assert foundry('train', cfg, '--run-dir', ref).returncode == 0
+    assert foundry_here('train', cfg, '--run-dir', ref).returncode == 0
 
     run, rng = tmp_path/'interrupted', random.Random(0)
     kills, mid_write_kills = [], 0
@@ -118,7 +118,7 @@ def test_training_resumes_from_latest_checkpoint_after_interruption(tmp_path, ca
         if proc.poll() is not None and proc.returncode == 0: break
     assert len(kills) >= 3 and mid_write_kills >= 1, kills
 
-    res = foundry('train', cfg, '--run-dir', run)
+    res = foundry_here('train', cfg, '--run-dir', run)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((run/'state.json').read_text())['status'] == 'completed'
 
@@ -156,7 +156,7 @@ def test_sigterm_writes_checkpoint_and_resume_continues(tmp_path, cache_dir, sha
     stopped = read_trainer_state(ck).step
     assert stopped == state['step'] == records(run, 'train')[-1]['step'] < 400
 
-    res = foundry('train', cfg, '--run-dir', run)
+    res = foundry_here('train', cfg, '--run-dir', run)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f'continuing at step {stopped + 1}' in res.stderr
     assert [r['step'] for r in records(run, 'resume')] == [stopped]
@@ -180,7 +180,7 @@ def test_second_signal_exits_at_once(tmp_path, cache_dir, shakespeare):
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, cache_dir, shakespeare):
     cfg = write_config(tmp_path, shakespeare, steps=40, ckpt_every=10, keep=3, eval_every=20)
     ref, run = tmp_path/'ref', tmp_path/'run'
-    assert foundry('train', cfg, '--run-dir', ref).returncode == 0
+    assert foundry_here('train', cfg, '--run-dir', ref).returncode == 0
     proc = start_train(cfg, run)
     assert wait_until(lambda: (run/'checkpoints'/'step-00000030'/'COMPLETE').exists(), timeout=120)
     proc.send_signal(signal.SIGSTOP); proc.kill(); proc.wait()  # a crash after step 30's checkpoint
@@ -188,7 +188,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, cache_dir, s
     # damage the newest checkpoint: a few bytes of the weights overwritten, as a failing disk would
     with open(run/'checkpoints'/'step-00000030'/'model.safetensors', 'r+b') as f:
         f.seek(-64, os.SEEK_END); f.write(os.urandom(64))
-    res = foundry('train', cfg, '--run-dir', run)
+    res = foundry_here('train', cfg, '--run-dir', run)
     assert res.returncode == 0, res.stderr[-2000:]
     assert 'step-00000030' in res.stderr and 'does not match its sha256' in res.stderr
     assert 'resuming' in res.stderr and 'from step-00000020: continuing at step 21' in res.stderr
@@ -202,7 +202,7 @@ def test_early_stopped_run_skips_training_on_resumption_attempt(tmp_path, cache_
     cfg = write_config(tmp_path, shakespeare, steps=400, eval_every=20, ckpt_every=20,
                        extra='  early_stopping_patience: 2\n  early_stopping_min_delta: 0.3\n')
     run = tmp_path/'run'
-    res = foundry('train', cfg, '--run-dir', run)
+    res = foundry_here('train', cfg, '--run-dir', run)
     assert res.returncode == 0, res.stderr[-2000:]
     state = json.loads((run/'state.json').read_text())
     assert state['status'] == 'early_stopped' and state['step'] < 400
@@ -217,7 +217,7 @@ def test_early_stopped_run_skips_training_on_resumption_attempt(tmp_path, cache_
 
     before = (run/'metrics.jsonl').read_text()
     t0 = time.time()
-    again = foundry('train', cfg, '--run-dir', run)
+    again = foundry_here('train', cfg, '--run-dir', run)
     assert again.returncode == 0 and 'already early stopped' in again.stderr
     assert (run/'metrics.jsonl').read_text() == before
     assert json.loads((run/'state.json').read_text())['status'] == 'early_stopped'

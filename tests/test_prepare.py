@@ -1,7 +1,7 @@
 """`foundry prepare` on real files: cached by content, undecodable files skipped and counted."""
 import time
 
-from conftest import foundry
+from conftest import foundry, foundry_here
 from model_foundry.config import DataConfig, TokenizerConfig
 from model_foundry.data import prepare
 
@@ -24,8 +24,8 @@ def test_prepare_command_reports_tokens_and_an_empty_corpus_is_an_error(tmp_path
     (tmp_path/'empty'/'a.txt').write_text('')
     cfg = tmp_path/'c.yaml'
     cfg.write_text(f"data:\n  source_corpus: {tmp_path/'empty'}\ntokenizer:\n  kind: char\n")
-    res = foundry('prepare', cfg)
+    res = foundry_here('prepare', cfg)
     assert res.returncode == 2 and 'holds no readable text' in res.stderr and len(res.stderr.strip().splitlines()) == 1
     (tmp_path/'empty'/'b.txt').write_text('some words here\n' * 100)
-    res = foundry('prepare', cfg)
+    res = foundry_here('prepare', cfg)
     assert res.returncode == 0 and '1,600 tokens' in res.stdout, res.stdout + res.stderr

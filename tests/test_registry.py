@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, foundry
+from conftest import REPO, foundry, foundry_here
 from model_foundry.compare import LOSS_RESOLUTION
 
 CORPUS = REPO/'tests'/'data'/'tiny.txt'
@@ -24,7 +24,7 @@ def make_run(root: Path, name: str, steps: int, seed: int = 0) -> Path:
     "A finished tiny run trained by `foundry train`."
     cfg = root/f'{name}.yaml'
     cfg.write_text(CONFIG.format(seed=seed, corpus=CORPUS, steps=steps))
-    res = foundry('train', cfg, '--run-dir', root/name)
+    res = foundry_here('train', cfg, '--run-dir', root/name)
     assert res.returncode == 0, res.stderr[-3000:]
     return root/name
 
@@ -75,7 +75,7 @@ def test_model_lifecycle_train_register_export_health_check(tmp_path, runs):
     run = tmp_path/'run'
     shutil.copytree(runs['good'], run)
     reg = tmp_path/'reg'/'registry.sqlite'
-    res = foundry('registry', 'register', run, '--registry', reg)
+    res = foundry_here('registry', 'register', run, '--registry', reg)
     assert res.returncode == 0, res.stderr[-3000:]
     assert 'registered tiny v1  [latest]  best val_loss' in res.stdout and 'loads with AutoModelForCausalLM and AutoTokenizer ok; generates ok' in res.stdout
     shutil.rmtree(run)  # the registered model is the registry's own copy: deleting the run loses nothing
@@ -83,22 +83,22 @@ def test_model_lifecycle_train_register_export_health_check(tmp_path, runs):
     model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)  # plain Auto classes
     out = model.generate(**tok('the', return_tensors='pt'), max_new_tokens=5, do_sample=False)
     assert out.shape[1] > 3
-    gen = foundry('generate', model_dir, '--prompt', 'the', '--max-new-tokens', '5', '--temperature', '0')
+    gen = foundry_here('generate', model_dir, '--prompt', 'the', '--max-new-tokens', '5', '--temperature', '0')
     assert gen.returncode == 0 and gen.stdout.startswith('the'), gen.stderr[-2000:]
-    listed = foundry('registry', 'list', '--registry', reg)
+    listed = foundry_here('registry', 'list', '--registry', reg)
     assert listed.returncode == 0 and listed.stdout.startswith('tiny v1  [latest]  best val_loss'), listed.stdout
-    missing = foundry('registry', 'list', '--registry', tmp_path/'typo.sqlite')  # a wrong path is said, not created
+    missing = foundry_here('registry', 'list', '--registry', tmp_path/'typo.sqlite')  # a wrong path is said, not created
     assert missing.returncode == 2 and 'no registry at' in missing.stderr and not (tmp_path/'typo.sqlite').exists()
 
 
 @pytest.mark.slow
 def test_compare_two_runs_reports_paired_bootstrap_interval(tmp_path, runs):
-    better = foundry('compare', runs['good'], runs['weak'], '--out', tmp_path/'better', '--samples', '1000')
+    better = foundry_here('compare', runs['good'], runs['weak'], '--out', tmp_path/'better', '--samples', '1000')
     assert better.returncode == 0, better.stderr[-3000:]
     rep = json.loads((tmp_path/'better'/'report.json').read_text())
     assert rep['loss']['low'] > 0 and rep['verdict'].startswith('A is better on loss'), rep['verdict']  # the interval excludes zero
     assert rep['documents'] == len(rep['per_document']['a']) > 10 and rep['unit'] == 'nats per token'
-    same = foundry('compare', runs['good'], runs['twin'], '--out', tmp_path/'same', '--samples', '1000')
+    same = foundry_here('compare', runs['good'], runs['twin'], '--out', tmp_path/'same', '--samples', '1000')
     assert same.returncode == 0, same.stderr[-3000:]
     rep2 = json.loads((tmp_path/'same'/'report.json').read_text())
     # the same function summed in another order: the whole interval inside float32 rounding of the loss, so no verdict
@@ -113,15 +113,15 @@ def test_compare_two_runs_reports_paired_bootstrap_interval(tmp_path, runs):
 def test_promote_moves_alias_only_when_better_and_logs_it(tmp_path, runs):
     reg = tmp_path/'registry.sqlite'
     r = ['--registry', reg]
-    first = foundry('promote', runs['weak'], '--alias', 'production', '--if-better', *r)  # registered, and nothing to beat
+    first = foundry_here('promote', runs['weak'], '--alias', 'production', '--if-better', *r)  # registered, and nothing to beat
     assert first.returncode == 0 and holder(reg, 'production') == 1, first.stderr[-2000:]
-    short = foundry('promote', runs['good'], '--alias', 'production', '--if-better', '--min-delta', '5', '--samples', '1000', *r)
+    short = foundry_here('promote', runs['good'], '--alias', 'production', '--if-better', '--min-delta', '5', '--samples', '1000', *r)
     assert short.returncode == 0 and holder(reg, 'production') == 1, short.stderr[-2000:]  # better, but not by 5 nats
     assert 'tiny:production: kept: v2 - v1 -' in short.stdout and 'needed below -5.0000' in short.stdout, short.stdout
-    up = foundry('promote', 'tiny:2', '--alias', 'production', '--if-better', '--samples', '1000', *r)
+    up = foundry_here('promote', 'tiny:2', '--alias', 'production', '--if-better', '--samples', '1000', *r)
     assert up.returncode == 0 and holder(reg, 'production') == 2, up.stderr[-2000:]
     assert 'tiny:production: promoted: v2 - v1 -' in up.stdout
-    back = foundry('promote', 'tiny:1', '--alias', 'production', '--if-better', '--samples', '1000', *r)  # worse: kept
+    back = foundry_here('promote', 'tiny:1', '--alias', 'production', '--if-better', '--samples', '1000', *r)  # worse: kept
     assert back.returncode == 0 and holder(reg, 'production') == 2 and 'tiny:production: kept: v1 - v2 +' in back.stdout, back.stdout
     log = [a for a in audit(reg) if a['alias'] == 'production']
     assert [(a['action'], a['from_version'], a['to_version']) for a in log] == [
@@ -134,18 +134,18 @@ def test_promote_moves_alias_only_when_better_and_logs_it(tmp_path, runs):
 def test_rollback_restores_previous_production_model(tmp_path, runs):
     reg = tmp_path/'registry.sqlite'
     r = ['--registry', reg]
-    for run in ('weak', 'good'): assert foundry('promote', runs[run], '--alias', 'production', *r).returncode == 0
+    for run in ('weak', 'good'): assert foundry_here('promote', runs[run], '--alias', 'production', *r).returncode == 0
     assert holder(reg, 'production') == 2
-    res = foundry('registry', 'rollback', 'tiny', '--alias', 'production', '--note', 'v2 misbehaves in production', *r)
+    res = foundry_here('registry', 'rollback', 'tiny', '--alias', 'production', '--note', 'v2 misbehaves in production', *r)
     assert res.returncode == 0 and 'tiny:production v2 -> v1 (rollback' in res.stdout, res.stdout + res.stderr[-2000:]
     assert holder(reg, 'production') == 1
     last = audit(reg)[-1]
     assert (last['action'], last['undoes'], last['evidence']['note']) == ('rollback', audit(reg)[-2]['id'], 'v2 misbehaves in production')
-    shown = foundry('registry', 'show', 'tiny:production', *r)
+    shown = foundry_here('registry', 'show', 'tiny:production', *r)
     assert shown.returncode == 0 and shown.stdout.startswith('tiny v1  [production]'), shown.stdout
-    again = foundry('registry', 'rollback', 'tiny', '--alias', 'production', *r)  # the first promotion created the alias
+    again = foundry_here('registry', 'rollback', 'tiny', '--alias', 'production', *r)  # the first promotion created the alias
     assert again.returncode == 0 and holder(reg, 'production') is None
-    none = foundry('registry', 'rollback', 'tiny', '--alias', 'production', *r)
+    none = foundry_here('registry', 'rollback', 'tiny', '--alias', 'production', *r)
     assert none.returncode == 2 and 'tiny:production has no move left to roll back' in none.stderr.strip().splitlines()[-1]
 
 
@@ -155,7 +155,7 @@ def test_failed_health_check_refuses_promotion(tmp_path, runs):
     shutil.copytree(runs['weak'], run)
     edit_config(run, registry=dict(max_val_loss=1.0))
     reg = tmp_path/'registry.sqlite'
-    res = foundry('promote', run, '--alias', 'production', '--registry', reg)
+    res = foundry_here('promote', run, '--alias', 'production', '--registry', reg)
     assert res.returncode == 1, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert 'health check of' in last and 'failed: registry.max_val_loss (' in last and 'against 1.0); not registered' in last, last
@@ -186,11 +186,11 @@ def test_wandb_registry_link_offline(tmp_path, runs):
 def test_drift_on_new_data_triggers_retrain_and_promotes_the_better_model(tmp_path, runs):
     reg = tmp_path/'registry.sqlite'
     r = ['--registry', reg]
-    assert foundry('promote', runs['good'], '--alias', 'production', *r).returncode == 0  # the cat-and-dog model is in production
+    assert foundry_here('promote', runs['good'], '--alias', 'production', *r).returncode == 0  # the cat-and-dog model is in production
     new = tmp_path/'new'
     new.mkdir()
     (new/'numbers.txt').write_text('one two three four five six seven eight nine ten.\n' * 100)  # the world moved on
-    drift = foundry('drift', 'tiny:production', new, '--out', tmp_path/'drift.json', *r)
+    drift = foundry_here('drift', 'tiny:production', new, '--out', tmp_path/'drift.json', *r)
     assert drift.returncode == 0 and drift.stdout.startswith('DRIFT: perplexity'), drift.stdout + drift.stderr[-2000:]
     d = json.loads((tmp_path/'drift.json').read_text())
     assert d['drifted'] and d['perplexity_ratio'] > 1.5 and d['tokens']['js_divergence'] > 0.1
@@ -209,6 +209,6 @@ def test_drift_on_new_data_triggers_retrain_and_promotes_the_better_model(tmp_pa
     assert 'DRIFT: perplexity' in shown and 'registered as v2' in shown and '**tiny:production**: promoted: v2 - v1' in shown, shown[-2000:]
 
     # the retrained model knows the new data: the same cycle from the shell finds no drift and trains nothing
-    again = foundry('retrain', 'tiny:production', new, '--run-dir', tmp_path/'again', '--steps', '60', *r)
+    again = foundry_here('retrain', 'tiny:production', new, '--run-dir', tmp_path/'again', '--steps', '60', *r)
     assert again.returncode == 0 and 'tiny:production stays v2: nothing to retrain' in again.stdout, again.stdout + again.stderr[-2000:]
     assert not (tmp_path/'again').exists()

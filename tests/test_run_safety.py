@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, assert_resumed_as_one_go, copy_fixture_run, foundry, start_train, wait_until
+from conftest import REPO, assert_resumed_as_one_go, copy_fixture_run, foundry, start_train, wait_until, foundry_here
 from model_foundry.checkpointing import list_checkpoints, load_checkpoint, verify_checkpoint
 from model_foundry.config import load_config
 from model_foundry.fixtures import StopAfter
@@ -71,7 +71,7 @@ def test_unverifiable_checkpoint_is_quarantined_not_deleted(tmp_path, cache_dir)
     ck = run/'checkpoints'/'step-00000030'
     with open(ck/'model.safetensors', 'r+b') as f: f.seek(-32, os.SEEK_END); f.write(os.urandom(32))  # a failing disk
     damaged = {p.name: p.read_bytes() for p in ck.iterdir()}
-    res = foundry('train', cfg, '--run-dir', run)
+    res = foundry_here('train', cfg, '--run-dir', run)
     assert res.returncode == 0, res.stderr[-3000:]
     assert 'step-00000030' in res.stderr and 'quarantine' in res.stderr and 'does not match its sha256' in res.stderr
     assert state(run)['resumed_from'] == 'step-00000020' and state(run)['status'] == 'completed'
@@ -89,7 +89,7 @@ def test_checkpoint_without_manifest_from_earlier_version_is_upgraded_and_resume
     ck = run/'checkpoints'/'step-00000010'
     assert not (ck/'manifest.json').exists() and 'format_version' not in json.loads((ck/'trainer_state.json').read_text())
     before = {p.name: p.read_bytes() for p in ck.iterdir()}
-    res = foundry('train', run/'config.yaml', '--run-dir', run)
+    res = foundry_here('train', run/'config.yaml', '--run-dir', run)
     assert res.returncode == 0, res.stderr[-3000:]
     assert 'written by an earlier version' in res.stderr and 'from step-00000010: continuing at step 11' in res.stderr
     assert verify_checkpoint(ck) is None and set(json.loads((ck/'manifest.json').read_text())['files']) == set(before) - {'COMPLETE'}
@@ -98,7 +98,7 @@ def test_checkpoint_without_manifest_from_earlier_version_is_upgraded_and_resume
     # the same run trained from scratch by today's code ends with the same weights (bit for bit where this CPU rounds as
     # the fixture's did)
     ref = tmp_path/'ref'
-    assert foundry('train', run/'config.yaml', '--run-dir', ref).returncode == 0
+    assert foundry_here('train', run/'config.yaml', '--run-dir', ref).returncode == 0
     print(assert_resumed_as_one_go(run/'checkpoints'/'step-00000020', ref/'checkpoints'/'step-00000020', ck, ref/'checkpoints'/'step-00000010'))
 
 
@@ -144,7 +144,7 @@ def test_second_trainer_on_a_live_run_directory_is_refused(tmp_path, cache_dir):
         assert wait_until(lambda: running_as(run, first.pid) and (run/'checkpoints'/'step-00000200'/'COMPLETE').exists())
         metrics = (run/'metrics.jsonl').read_text()
         for args in (('train', cfg, '--run-dir', run), ('job', 'train', cfg, '--run-dir', run)):
-            res = foundry(*args, cwd=tmp_path)
+            res = foundry_here(*args, cwd=tmp_path)
             assert res.returncode == 2, (args, res.stderr[-2000:])
             assert res.stderr.strip().splitlines() == [res.stderr.strip()] and f'being trained by process {first.pid}' in res.stderr, res.stderr
         assert not list(run.glob('train*.ipynb'))  # the refused job touched nothing
@@ -189,7 +189,7 @@ def fill(fs: Path, leave: int = 96 * 1024) -> list[Path]:
 @pytest.mark.slow
 def test_disk_full_during_checkpoint_keeps_previous_and_resumes_bit_exact(tmp_path, cache_dir, small_fs, monkeypatch, capsys):
     cfg, ref = write_config(tmp_path, steps=60), tmp_path/'ref'
-    assert foundry('train', cfg, '--run-dir', ref).returncode == 0
+    assert foundry_here('train', cfg, '--run-dir', ref).returncode == 0
     if small_fs is not None:  # a real full disk: a 4 MB tmpfs, filled by this test while the trainer is paused
         print('disk full: real (tmpfs filled while training)')
         run = small_fs/'run'
@@ -223,7 +223,7 @@ def test_disk_full_during_checkpoint_keeps_previous_and_resumes_bit_exact(tmp_pa
     for name, files in kept.items():  # the previous checkpoints, untouched and intact
         assert {f.name: f.read_bytes() for f in (run/'checkpoints'/name).iterdir()} == files and verify_checkpoint(run/'checkpoints'/name) is None
     for p in ballast: p.unlink()  # space freed: the same command resumes, and ends where an undisturbed run ends
-    res = foundry('train', cfg, '--run-dir', run)
+    res = foundry_here('train', cfg, '--run-dir', run)
     assert res.returncode == 0, res.stderr[-3000:]
     assert state(run)['status'] == 'completed' and state(run)['resumed_from'] in kept
     assert same_weights(run/'final', ref/'final') and same_weights(run/'checkpoints'/'step-00000060', ref/'checkpoints'/'step-00000060')

@@ -9,7 +9,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, assert_resumed_as_one_go, copy_fixture_run, foundry
+from conftest import REPO, assert_resumed_as_one_go, copy_fixture_run, foundry, foundry_here
 from model_foundry.checkpointing import write_manifest
 
 CORPUS = REPO/'tests'/'data'/'tiny.txt'
@@ -38,7 +38,7 @@ def one_line_refusal(res, *words):
 def test_config_with_legacy_keys_migrates_with_warning(tmp_path, cache_dir):
     cfg = tmp_path/'old.yaml'
     cfg.write_text(V1.format(corpus=CORPUS, out=tmp_path/'elsewhere', extra=''))
-    res = foundry('train', cfg, cwd=tmp_path)
+    res = foundry_here('train', cfg, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     for old, new in (('data.training_corpus', 'data.source_corpus'), ('training.output_dir', 'logging.dir')):
         assert f'config key {old} is deprecated since schema_version 2: read as {new}' in res.stderr, res.stderr[-3000:]
@@ -47,7 +47,7 @@ def test_config_with_legacy_keys_migrates_with_warning(tmp_path, cache_dir):
     saved = yaml.safe_load((run/'config.yaml').read_text())  # the run's config is written at the current version
     assert saved['schema_version'] == 2 and saved['data']['source_corpus'] == str(CORPUS) and 'training_corpus' not in saved['data']
     assert saved['logging']['dir'] == str(tmp_path/'elsewhere') and 'output_dir' not in saved['training']
-    again = foundry('train', run/'config.yaml', '--run-dir', run)  # the saved config reads without a warning, and is finished
+    again = foundry_here('train', run/'config.yaml', '--run-dir', run)  # the saved config reads without a warning, and is finished
     assert again.returncode == 0 and 'deprecated' not in again.stderr, again.stderr[-2000:]
 
 
@@ -55,18 +55,18 @@ def test_config_with_legacy_keys_migrates_with_warning(tmp_path, cache_dir):
 def test_removed_config_key_is_an_error_not_a_default(tmp_path, cache_dir):
     cfg = tmp_path/'old.yaml'
     cfg.write_text(V1.format(corpus=CORPUS, out=tmp_path/'out', extra=', eval_iters: 50'))
-    res = foundry('train', cfg, cwd=tmp_path)
+    res = foundry_here('train', cfg, cwd=tmp_path)
     one_line_refusal(res, 'training.eval_iters was removed in schema_version 2', 'set training.eval_batches')
     assert not (tmp_path/'out').exists()  # nothing written
     cfg.write_text(V1.format(corpus=CORPUS, out=tmp_path/'out', extra=', eval_every: 50').replace('training_corpus', 'source_corpus'))
-    one_line_refusal(foundry('train', cfg, cwd=tmp_path), 'training.eval_every', 'unknown key')  # never known: no default either
+    one_line_refusal(foundry_here('train', cfg, cwd=tmp_path), 'training.eval_every', 'unknown key')  # never known: no default either
 
 
 @pytest.mark.slow
 def test_newer_format_version_is_refused(tmp_path, cache_dir):
     newer = tmp_path/'newer.yaml'
     newer.write_text(f'schema_version: 3\ndata: {{source_corpus: {CORPUS}}}\n')
-    one_line_refusal(foundry('train', newer, cwd=tmp_path), 'newer.yaml: schema_version 3 is newer than this model_foundry reads (2)')
+    one_line_refusal(foundry_here('train', newer, cwd=tmp_path), 'newer.yaml: schema_version 3 is newer than this model_foundry reads (2)')
     assert not (tmp_path/'runs').exists()
 
     def refused(edit, *words):
@@ -74,7 +74,7 @@ def test_newer_format_version_is_refused(tmp_path, cache_dir):
         run = copy_fixture_run(GOLDEN[-1]/'stopped', tmp_path/edit.__name__)
         edit(run)
         before = files(run)
-        one_line_refusal(foundry('train', run/'config.yaml', '--run-dir', run), 'is newer than this model_foundry reads', *words)
+        one_line_refusal(foundry_here('train', run/'config.yaml', '--run-dir', run), 'is newer than this model_foundry reads', *words)
         assert files(run) == before  # no checkpoint quarantined, no state rewritten, no metrics truncated
 
     def state(run):
@@ -107,12 +107,12 @@ def test_committed_fixture_run_resumes_evaluates_and_generates(tmp_path, cache_d
     monkeypatch.setenv('OMP_NUM_THREADS', str(made['threads']))  # the fixture's thread count: the same float sums, so bit for bit
     # resume the run the fixture's version stopped after step 10 of 20
     run = copy_fixture_run(golden/'stopped', tmp_path)
-    res = foundry('train', run/'config.yaml', '--run-dir', run)
+    res = foundry_here('train', run/'config.yaml', '--run-dir', run)
     assert res.returncode == 0, res.stderr[-3000:]
     assert 'from step-00000010: continuing at step 11' in res.stderr and json.loads((run/'state.json').read_text())['status'] == 'completed'
     # bit for bit what today's code trains in one go from the same config (where this CPU rounds as the fixture's did)
     ref = tmp_path/'ref'
-    assert foundry('train', run/'config.yaml', '--run-dir', ref).returncode == 0
+    assert foundry_here('train', run/'config.yaml', '--run-dir', ref).returncode == 0
     print(assert_resumed_as_one_go(run/'final', ref/'final', golden/'stopped'/'checkpoints'/'step-00000010', ref/'checkpoints'/'step-00000010'))
     # and what the fixture's version trained in one go, as closely as two versions' arithmetic allows
     losses = lambda r: {x['step']: x['loss'] for x in map(json.loads, (r/'metrics.jsonl').read_text().splitlines()) if x.get('type') == 'train'}
@@ -121,11 +121,11 @@ def test_committed_fixture_run_resumes_evaluates_and_generates(tmp_path, cache_d
 
     # evaluate and generate from the finished run the fixture's version left, and from its pytorch_model.bin export
     done = copy_fixture_run(golden/'completed', tmp_path)
-    ev = foundry('eval', done)
+    ev = foundry_here('eval', done)
     assert ev.returncode == 0, ev.stderr[-3000:]
     val = json.loads((done/'report'/'report.json').read_text())['validation']  # what the fixture's version's eval said
     assert val['tokens'] == made['validation']['tokens'] and abs(val['val_loss'] - made['validation']['val_loss']) < 1e-5, (val, made)
-    texts = [foundry('generate', src, '--prompt', made['prompt'], '--max-new-tokens', '12', '--temperature', '0')
+    texts = [foundry_here('generate', src, '--prompt', made['prompt'], '--max-new-tokens', '12', '--temperature', '0')
              for src in (done, done/'final', done/'final-bin')]
     assert all(t.returncode == 0 for t in texts), [t.stderr[-1000:] for t in texts]
     assert {t.stdout for t in texts} == {made['prompt'] + made['greedy'] + '\n'}, ([t.stdout for t in texts], made['greedy'])
