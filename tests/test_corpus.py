@@ -15,8 +15,9 @@ from model_foundry.repo import make_repo
 from model_foundry.samples import prepare_data
 
 STDLIB = Path(sysconfig.get_paths()['stdlib'])
-PY = ['heapq.py', 'bisect.py', 'colorsys.py', 'fnmatch.py', 'shlex.py', 'textwrap.py', 'graphlib.py', 'sched.py', 'getopt.py', 'glob.py',
-      'queue.py', 'string.py', 'netrc.py', 'cmd.py', 'calendar.py', 'keyword.py', 'numbers.py', 'operator.py', 'abc.py', 'copy.py']
+# small modules (~270 chunks in all): embedding them for the index is most of a build's time (~500 chunks took 38 s on one thread)
+PY = ['heapq.py', 'bisect.py', 'colorsys.py', 'fnmatch.py', 'shlex.py', 'codeop.py', 'graphlib.py', 'sched.py', 'getopt.py', 'crypt.py',
+      'pty.py', 'string.py', 'netrc.py', 'cmd.py', 'tty.py', 'keyword.py', 'token.py', 'linecache.py', 'abc.py', 'copy.py']
 SECRET = 'AKIA' + 'Q3EGRW7Z5JXN4T2P'  # planted: an AWS access key id shape (not a real key)
 
 
