@@ -13,8 +13,8 @@ FOUNDRY = Path(sys.executable).parent/'foundry'
 
 # The test files that take longest, longest first (seconds on CI's 2 cores, `--durations`): `make test` gives a file to each
 # of its two pytest-xdist workers in collection order, so started first they do not run alone at the end.
-LONGEST_FIRST = ['test_docs', 'test_corpus', 'test_jobs', 'test_lifecycle', 'test_input_errors', 'test_distributed', 'test_registry',
-                 'test_finetune', 'test_run_safety', 'test_versions', 'test_end_to_end', 'test_corpus_index']
+LONGEST_FIRST = ['test_docs', 'test_jobs', 'test_corpus', 'test_lifecycle', 'test_distributed', 'test_input_errors', 'test_end_to_end',
+                 'test_jupyterlab', 'test_registry', 'test_finetune', 'test_run_safety', 'test_corpus_index', 'test_logged']
 
 
 def pytest_collection_modifyitems(items):

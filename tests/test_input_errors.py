@@ -238,9 +238,9 @@ def test_sigterm_during_a_long_step_is_honoured_within_a_second(tmp_path, cache_
     st = state(run)
     assert st['status'] == 'interrupted' and (run/'checkpoints'/f"step-{st['step']:08d}"/'COMPLETE').is_file(), st
     assert st['step'] < 2
-    res = foundry('train', cfg, '--run-dir', run)  # resumes, and ends exactly where an undisturbed run ends
+    res = foundry_here('train', cfg, '--run-dir', run)  # resumes, and ends exactly where an undisturbed run ends
     assert res.returncode == 0, res.stderr[-3000:]
-    assert foundry('train', cfg, '--run-dir', ref).returncode == 0
+    assert foundry_here('train', cfg, '--run-dir', ref).returncode == 0
     loss = lambda r: [(x['step'], x['loss']) for x in map(json.loads, (r/'metrics.jsonl').read_text().splitlines()) if x['type'] == 'train']
     assert loss(run)[-1] == loss(ref)[-1] and state(run)['best_val_loss'] == state(ref)['best_val_loss']
     assert (run/'final'/'model.safetensors').read_bytes() == (ref/'final'/'model.safetensors').read_bytes()
@@ -266,7 +266,7 @@ def test_sigterm_during_a_long_evaluation_is_honoured_within_a_second_and_the_ev
     step = state(run)['step']
     ckpt = json.loads((run/'checkpoints'/f'step-{step:08d}'/'trainer_state.json').read_text())
     assert ckpt['eval_pending'] and ckpt['best_step'] == (None if step == 1 else 1), ckpt
-    res = foundry('train', cfg, '--run-dir', run)
+    res = foundry_here('train', cfg, '--run-dir', run)
     assert res.returncode == 0, res.stderr[-3000:]
     evals = [json.loads(l)['step'] for l in (run/'metrics.jsonl').read_text().splitlines() if '"eval"' in l]
     assert evals == [1, 2] and state(run)['status'] == 'completed'
