@@ -245,6 +245,7 @@ def test_ddp_run_killed_resumes_at_a_different_world_size_without_repeating_or_s
 
 @pytest.mark.slow
 def test_a_rank_that_dies_ends_the_job_with_one_line_and_the_run_resumes(tmp_path, cache_dir):
+    "Slow because torchrun starts two real ranks twice (the job a rank of which is killed, and its resume), each importing the stack."
     cfg = write_config(tmp_path, steps=400, eval_interval=20)
     run = tmp_path/'run'
     proc = launch(cfg, run, 2, FOUNDRY_TEST_JOB=str(os.getpid()))

@@ -37,6 +37,7 @@ def executed(tmp_path_factory):
 
 @pytest.mark.timeout(1800)  # a standalone run on a slow machine; `make test` runs this beside the rest of the suite
 def test_every_notebook_runs_top_to_bottom_and_its_inline_tests_pass(executed):
+    "Slow because it is every notebook: 36 run top to bottom, the tutorials training real models (the longest, ~70 s, trains 100 steps of a 2.2M-parameter GPT on the standard library)."
     res, out = executed
     assert res.returncode == 0 and 'Success.' in res.stdout + res.stderr, (res.stdout[-3000:], res.stderr[-6000:])
     saved = sorted(str(p.relative_to(out)) for p in out.rglob('*.ipynb'))
@@ -70,6 +71,7 @@ def browser():
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # the notebooks' run and the site's build (the fixtures) count here when this runs alone
 def test_docs_preview_builds_every_page_without_errors(site):
+    "Slow because it is the whole site: nbdev's doc processors import each page's exports and render every show_doc (from nbdev-test's outputs: no notebook runs twice)."
     pages = sorted(str(p.relative_to(site)) for p in site.rglob('*.html'))
     for must in ('index.html', 'tutorials/train_python_stdlib.html', 'explanations/run_directory.html',
                  'config.html', 'run.html', 'jobs.html', 'cli.html'):

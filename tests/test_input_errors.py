@@ -219,6 +219,7 @@ def start(cfg, run, *sets):
 
 @pytest.mark.slow
 def test_sigterm_during_a_long_step_is_honoured_within_a_second(tmp_path, cache_dir):
+    "Slow because the step must be long (8 micro-batches of 8 x 128 tokens through a 4 x 256 model) for the signal to land inside it."
     cfg = write_config(tmp_path, text=LONG.replace('batch_size: 16', 'batch_size: 8') + '  gradient_accumulation_steps: 8\n')
     run, ref = tmp_path/'run', tmp_path/'ref'
     proc = start(cfg, run)
@@ -248,6 +249,7 @@ def test_sigterm_during_a_long_step_is_honoured_within_a_second(tmp_path, cache_
 
 @pytest.mark.slow
 def test_sigterm_during_a_long_evaluation_is_honoured_within_a_second_and_the_evaluation_runs_on_resume(tmp_path, cache_dir):
+    "Slow because the evaluation must be long (100 batches of 8 x 128 tokens through a 4 x 256 model) for the signal to land inside it."
     cfg = write_config(tmp_path, text=LONG.replace('eval_interval: 1000', 'eval_interval: 1').replace('eval_batches: 1', 'eval_batches: 100')
                        .replace('batch_size: 16', 'batch_size: 8'))
     run = tmp_path/'run'

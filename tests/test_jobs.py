@@ -69,6 +69,7 @@ def wait_for_checkpoint(run: Path, step: int, proc: subprocess.Popen, timeout: f
 
 @pytest.mark.slow
 def test_papermill_job_resumes_after_kill_then_skips_when_complete(tmp_path, cache_dir, shakespeare):
+    "Slow because it is three jobs, each a kernel (~10 s to start): killed, resumed to completion, then the evaluation job."
     cfg = tmp_path/'tiny.yaml'
     cfg.write_text(TINY.format(corpus=shakespeare, steps=600))
     run = tmp_path/'run'
@@ -113,6 +114,7 @@ def test_papermill_job_resumes_after_kill_then_skips_when_complete(tmp_path, cac
 
 @pytest.mark.slow
 def test_sigterm_to_a_job_stops_its_run_at_a_checkpoint_and_the_job_resumes_there(tmp_path, cache_dir, shakespeare):
+    "Slow because the signal must reach a kernel that is training: a job is started, stopped by SIGTERM after a checkpoint, and started again."
     cfg = tmp_path/'tiny.yaml'
     cfg.write_text(TINY.format(corpus=shakespeare, steps=500))
     run = tmp_path/'run'
@@ -150,6 +152,7 @@ def test_job_with_a_bad_override_fails_in_one_line_before_writing_anything(tmp_p
 
 @pytest.mark.slow
 def test_sweep_2x2_skips_the_finished_run_and_ranks_all_four(tmp_path, cache_dir, shakespeare):
+    "Slow because a sweep point is a papermill job: four kernels, each importing torch and transformers, each training 100 steps."
     cfg = tmp_path/'tiny.yaml'
     cfg.write_text(TINY.format(corpus=shakespeare, steps=100).replace('eval_interval: 100', 'eval_interval: 50'))
     sweep_dir = tmp_path/'sweep'
@@ -201,6 +204,7 @@ def test_sweep_2x2_skips_the_finished_run_and_ranks_all_four(tmp_path, cache_dir
 
 @pytest.mark.slow
 def test_sweep_point_that_fails_is_retried_and_reported(tmp_path, cache_dir, shakespeare):
+    "Slow because the retry is real: a job's kernel is SIGKILLed mid-run and the sweep starts a new kernel that resumes it."
     cfg = tmp_path/'tiny.yaml'
     cfg.write_text(TINY.format(corpus=shakespeare, steps=150).replace('eval_interval: 100', 'eval_interval: 50'))
     sweep_dir = tmp_path/'sweep'

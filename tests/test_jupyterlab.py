@@ -125,6 +125,7 @@ def chromium_exe() -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_jupyterlab_runs_a_notebook_and_the_playground_in_a_browser(tmp_path, chromium_exe, lab):  # the browser first: a skip starts no server
+    "Slow because every part is real: a JupyterLab server, its kernel training a 60-step model, the widgets frontend in Chromium."
     from playwright.sync_api import sync_playwright
     url, token, root, log_tail = lab
     nb = nbformat.v4.new_notebook(metadata={'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}})

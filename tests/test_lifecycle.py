@@ -99,6 +99,7 @@ def kill_during_checkpoint_write(proc, run) -> bool:
 
 @pytest.mark.slow
 def test_training_resumes_from_latest_checkpoint_after_interruption(tmp_path, cache_dir, shakespeare):
+    "Slow because it kills real trainers up to six times (at random moments and in the middle of checkpoint writes), each a new process."
     cfg = write_config(tmp_path, shakespeare, steps=300)
     ref = tmp_path/'uninterrupted'
     assert foundry_here('train', cfg, '--run-dir', ref).returncode == 0
