@@ -95,7 +95,6 @@ def assert_resumed_as_one_go(resumed, one_go, fixture_ck, one_go_ck, tol=1e-4) -
     return f'within {worst:.1e} (this CPU rounds differently from the one that made the fixture)'
 
 
-
 def foundry_here(*args, cwd=None, env=None, **_) -> subprocess.CompletedProcess:
     """`foundry ARGS` through the command's own entry point (`model_foundry.cli.main`) in this process: the same code path,
     exit code, stdout and stderr as `foundry()`, without a new interpreter importing torch and transformers (4-5 s each).
@@ -118,7 +117,7 @@ def foundry_here(*args, cwd=None, env=None, **_) -> subprocess.CompletedProcess:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try: code = main([str(a) for a in args])
             except SystemExit as e: code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)  # argparse: exit 2
-            except BaseException:  # what the interpreter does with an uncaught exception: the traceback, exit code 1
+            except Exception:  # what the interpreter does with an uncaught exception: the traceback, exit code 1
                 traceback.print_exc(); code = 1
     finally:
         os.chdir(here); torch.set_num_threads(threads)

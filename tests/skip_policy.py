@@ -5,6 +5,7 @@ It reads the reports where pytest (or, under pytest-xdist, the controlling proce
 import pytest
 
 ALLOWED = ('no chromium', 'playwright is not installed')  # a missing browser: `make test` installs one where it can
+BAD = []  # the skips not allowed, as 'nodeid: reason'
 
 
 def allowed(report) -> bool:
@@ -16,15 +17,12 @@ def allowed(report) -> bool:
 def pytest_runtest_logreport(report):
     if report.skipped and not hasattr(report, 'wasxfail') and not allowed(report):  # an xfail is reported as a skip
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
-        _config.bad.append(f'{report.nodeid}: {reason}')
-
-
-class _config: bad = []
+        BAD.append(f'{report.nodeid}: {reason}')
 
 
 def pytest_sessionfinish(session, exitstatus):
     if hasattr(session.config, 'workerinput'): return  # an xdist worker: its controller reads the reports and decides
-    if _config.bad:
+    if BAD:
         tr = session.config.pluginmanager.get_plugin('terminalreporter')
-        for b in _config.bad: tr.write_line(f'SKIP NOT ALLOWED (only a missing GPU or browser may skip a test): {b}', red=True)
+        for b in BAD: tr.write_line(f'SKIP NOT ALLOWED (only a missing GPU or browser may skip a test): {b}', red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

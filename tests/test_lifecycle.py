@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import foundry, start_train, wait_until, foundry_here
+from conftest import foundry_here, model_tensors, start_train, wait_until
 from model_foundry.checkpointing import list_checkpoints, read_trainer_state
 from model_foundry.config import load_config
 from model_foundry.fixtures import DegradeAfter, InjectNaN, StopAfter
@@ -55,15 +54,8 @@ def records(run, kind=None):
     return [r for r in recs if kind is None or r['type'] == kind]
 
 
-def weights(path):
-    "The tensors of a checkpoint or a saved model; tied embeddings under one name (each format keeps a different one)."
-    w = load_file(str(Path(path)/'model.safetensors'))
-    if 'lm_head.weight' in w and 'transformer.wte.weight' not in w: w['transformer.wte.weight'] = w.pop('lm_head.weight')
-    return w
-
-
 def assert_same_weights(a, b):
-    wa, wb = weights(a), weights(b)
+    wa, wb = model_tensors(a), model_tensors(b)
     assert wa.keys() == wb.keys()
     for k in wa: assert torch.equal(wa[k], wb[k]), k
 

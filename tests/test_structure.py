@@ -134,7 +134,7 @@ def test_no_test_skips_without_a_gpu_or_browser_reason(tmp_path):
         return subprocess.run([sys.executable, '-m', 'pytest', '-p', 'skip_policy', '-p', 'no:cacheprovider', '-q', '-o', 'markers=gpu',
                                *xdist, *map(str, files)], capture_output=True, text=True, cwd=tmp_path,
                               env={**__import__('os').environ, 'PYTHONPATH': str(REPO/'tests')})
-    for xdist in ((), ('-n', '2')):  # as `make test-quick` runs pytest, and as `make test` does (pytest-xdist: the reports reach its controller)
+    for xdist in ((), ('-n', '2')):  # plain pytest, and as `make test` runs it (pytest-xdist: the reports reach its controller)
         bad, ok = session(tmp_path/'test_bad.py', tmp_path/'test_ok.py', xdist=xdist), session(tmp_path/'test_ok.py', xdist=xdist)
         assert bad.returncode == 1 and 'SKIP NOT ALLOWED' in bad.stdout and 'test_needs_data' in bad.stdout and 'test_cuda' not in bad.stdout.split('SKIP NOT ALLOWED')[-1], bad.stdout
         assert ok.returncode == 0 and '2 skipped' in ok.stdout, ok.stdout

@@ -1,6 +1,6 @@
 """`nbdev-test`, with each exported notebook cell measured as the lines of model_foundry/*.py it became.
 
-`make test` runs this in place of `nbdev-test` (same arguments). A notebook's tests call the functions its `#| export`
+tests/test_docs.py runs this in place of `nbdev-test` (same arguments). A notebook's tests call the functions its `#| export`
 cells define; IPython compiles those cells under a name like `<ipython-input-3-ab12>`, which coverage cannot map to a
 file, so the notebooks' own tests would count for nothing. nbdev writes each exported cell into the module verbatim
 (directive lines dropped, `from model_foundry.x` made `from .x`) after a `# %% ../nbs/NB.ipynb #CELLID` line; so here a
@@ -13,8 +13,8 @@ behaves exactly as `nbdev-test`.
 The longest notebooks are started first (`slowest_first`): nbdev-test's name order left the tutorials running alone at the end.
 
 `--save-to DIR`: every notebook that passes is written, with the outputs this run gave it, to DIR (its path under nbs/
-kept) instead of over itself (nbdev-test's `--save`). `make test` hands DIR to the docs test, which builds the site from
-these outputs rather than executing every notebook a second time.
+kept) instead of over itself (nbdev-test's `--save`). tests/test_docs.py builds the docs site from these outputs rather
+than executing every notebook a second time.
 """
 import ast, importlib.util, os, re, sys
 from pathlib import Path

@@ -10,8 +10,8 @@ frontmatter from the title cell), and converted to HTML with nbconvert. Pages: t
 (index.ipynb), tutorials/, explanations/, and the API reference (the numbered notebooks).
 
 `--executed DIR`: a notebook found under DIR (its path under nbs/ kept), already executed, is used as it is instead of
-being executed again: `make test` passes the notebooks its nbdev-test run executed (tools/coverage_nbdev_test.py
---save-to), so the docs test builds the site from those outputs.
+being executed again: the docs test (tests/test_docs.py) passes the notebooks its nbdev-test run executed
+(tools/coverage_nbdev_test.py --save-to), so the site is built from those outputs.
 """
 import argparse, concurrent.futures as cf, html, json, os, re, shutil, subprocess, sys, tempfile, threading, time
 from pathlib import Path
@@ -172,7 +172,7 @@ def _run_batch(triples: list, timeout: int):
             if how == 'execute': execute(Path(nb), Path(executed), timeout)
             process(Path(executed), Path(processed))
             r = dict(ok=True)
-        except Exception as e: r = dict(ok=False, error=f'{Path(nb).relative_to(NBS)} failed:\n{traceback.format_exc()[-4000:]}')
+        except Exception: r = dict(ok=False, error=f'{Path(nb).relative_to(NBS)} failed:\n{traceback.format_exc()[-4000:]}')
         try:
             from ipywidgets import Widget
             Widget.close_all()  # nbdev stores the live widgets' state in each page: only this notebook's
@@ -204,6 +204,7 @@ def build(out: Path, workers: int = 2, only=(), timeout: int = 900, done: Option
         threads = max(1, (os.cpu_count() or 1) // workers)  # torch in parallel kernels must not oversubscribe the cores
         section = {p: s for s, p in todo}
         batches = [[p for _, p in todo][i::workers] for i in range(workers)]  # interleaved: the long notebooks spread out
+        lock = threading.Lock()  # pages are rendered and recorded by one batch's thread at a time
 
         def run(batch):
             for p, processed, secs, error in _build_batch(batch, work, timeout, threads, done):
@@ -212,7 +213,6 @@ def build(out: Path, workers: int = 2, only=(), timeout: int = 900, done: Option
                     built.append(render(processed, section[p], page_name(p), nav, out))
                     print(f'{page_name(p):36s} {secs:6.1f} s', flush=True)
 
-        lock = threading.Lock()
         with cf.ThreadPoolExecutor(workers) as pool: list(pool.map(run, [b for b in batches if b]))
     finally: shutil.rmtree(work, ignore_errors=True)
     if failed: raise SystemExit(f'docs preview: {len(failed)} notebook(s) failed to build: {", ".join(sorted(failed))}')
